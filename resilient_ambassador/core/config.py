@@ -1,0 +1,145 @@
+"""The validated configuration model: what every other module reads.
+
+Built by `resilient_ambassador.config_loader` from YAML (or from CLI flags in one-liner mode).
+Every value here is already parsed and checked: durations are float seconds (`*_s`), sizes are
+int bytes (`*_bytes`). Frozen, so a running request can never see a half-changed config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, final
+
+from resilient_ambassador.core.templates import Template
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class UpstreamURL:
+    """An upstream origin: scheme, host, port and an optional base path prefixed to every target."""
+
+    scheme: Literal["http", "https", "tcp", "tls"]
+    host: str
+    port: int
+    base_path: str = ""
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.scheme in ("https", "tls")
+
+    @property
+    def authority(self) -> str:
+        """Host header value: the port is omitted when it is the scheme's default (RFC 9110 7.2)."""
+        default = {"http": 80, "https": 443}.get(self.scheme)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """TLS origination towards an upstream. Verification is on unless explicitly turned off."""
+
+    verify: bool = True
+    ca_file: str | None = None  # None: system CAs (and SSL_CERT_FILE / SSL_CERT_DIR)
+    cert_file: str | None = None  # client certificate for mTLS
+    key_file: str | None = None
+    server_name: str | None = None  # SNI + name checked; None: the URL host
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class UpstreamTimeouts:
+    # 3.5 s is Varnish's connect timeout: long enough for a cross-region TLS handshake,
+    # short enough that a dead endpoint does not hold the app's request for a minute.
+    connect_s: float = 3.5
+    # Time from the request being sent to the response head arriving (Envoy's route timeout
+    # default is 15 s).
+    response_s: float = 15.0
+    # Longest silence between two reads of a response body.
+    read_idle_s: float = 60.0
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class PoolConfig:
+    max_connections: int = 100
+    # Close pooled connections idle this long; below typical upstream keep-alive timeouts
+    # (nginx 75 s) so we rarely reuse one the peer is about to close.
+    idle_timeout_s: float = 60.0
+    # How long a request waits for a free connection when max_connections are busy.
+    acquire_timeout_s: float = 5.0
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    url: UpstreamURL
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    timeouts: UpstreamTimeouts = field(default_factory=UpstreamTimeouts)
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    # Injected on every request to this upstream, replacing any client copy.
+    headers: tuple[tuple[str, Template], ...] = ()
+    # Injected query parameters, replacing any client copy of the same name.
+    query: tuple[tuple[str, Template], ...] = ()
+    # Host header sent upstream; None: the URL authority.
+    host_header: str | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    upstream: str
+    name: str = ""
+    prefix: str = "/"  # matched on path segment boundaries: "/api" matches "/api/x", not "/apix"
+    host: str | None = None  # exact match on the request Host (port ignored), case-insensitive
+    rewrite_prefix: str | None = None  # replaces the matched prefix when set
+    max_request_body_bytes: int = 1 * MiB  # nginx's client_max_body_size default
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ClientLimits:
+    """Downstream limits; defaults follow Envoy/nginx/HAProxy (see shared HARDENING table)."""
+
+    max_request_line_bytes: int = 8 * KiB
+    max_header_bytes: int = 32 * KiB
+    max_header_count: int = 100
+    header_read_timeout_s: float = 10.0  # slowloris guard -> 408
+    body_read_timeout_s: float = 60.0  # whole request body must arrive within this -> 408
+    send_timeout_s: float = 60.0  # a client that stops reading is dropped after this
+    keepalive_timeout_s: float = 60.0
+    max_requests_per_connection: int = 1000  # then `Connection: close`, as nginx does
+    max_connections: int = 10_000
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    host: str
+    port: int
+    protocol: Literal["http", "tcp"] = "http"
+    routes: tuple[RouteConfig, ...] = ()
+    limits: ClientLimits = field(default_factory=ClientLimits)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class DrainConfig:
+    # Below Kubernetes' default terminationGracePeriodSeconds (30 s) so we exit before SIGKILL.
+    grace_period_s: float = 25.0
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Config:
+    listeners: tuple[ListenerConfig, ...]
+    upstreams: dict[str, UpstreamConfig]
+    drain: DrainConfig = field(default_factory=DrainConfig)
+    source: str = "<flags>"  # the file it came from, for messages
