@@ -37,6 +37,9 @@ class UpstreamURL:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port == default else f"{host}:{self.port}"
 
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.authority}{self.base_path}"
+
 
 @final
 @dataclass(frozen=True, slots=True)

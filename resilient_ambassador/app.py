@@ -1,0 +1,160 @@
+"""Builds the running daemon from a Config: pools, pipelines, listeners; owns the root
+nursery, the signal handling and the graceful drain."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from functools import partial
+from collections.abc import AsyncIterator
+from typing import final
+
+import trio
+
+from resilient_ambassador.core.config import Config, UpstreamConfig
+from resilient_ambassador.core.messages import Handler
+from resilient_ambassador.net.server import HttpServer, RouteRuntime
+from resilient_ambassador.net.upstream import ConnectionPool, UpstreamClient
+from resilient_ambassador.secrets import SecretResolver
+
+log = logging.getLogger("resilient_ambassador")
+
+# How often idle pooled connections are checked for expiry or a peer close.
+POOL_SWEEP_INTERVAL_S = 5.0
+LISTEN_BACKLOG = 4096
+
+
+def upstream_host(config: UpstreamConfig) -> bytes:
+    return (config.host_header or config.url.authority).encode()
+
+
+def build_pipeline(client: UpstreamClient) -> Handler:
+    """The per-route chain of stages around the upstream client. The policy stages (cache,
+    retry, rate limit, breaker) slot in here, outermost first."""
+    return client
+
+
+@final
+class App:
+    def __init__(self, config: Config, secrets: SecretResolver | None = None) -> None:
+        self.config = config
+        self.secrets = secrets or SecretResolver()
+        self.pools = {name: ConnectionPool(up) for name, up in config.upstreams.items()}
+        self.clients = {
+            name: UpstreamClient(up, self.pools[name], self.secrets) for name, up in config.upstreams.items()
+        }
+        self.servers: list[HttpServer] = []
+        for listener in config.listeners:
+            routes = {
+                id(route): RouteRuntime(
+                    config=route,
+                    handler=build_pipeline(self.clients[route.upstream]),
+                    upstream_host=upstream_host(config.upstreams[route.upstream]),
+                )
+                for route in listener.routes
+            }
+            self.servers.append(HttpServer(listener, routes))
+        self._accepting: trio.CancelScope | None = None
+        self._connections: trio.CancelScope | None = None
+        self.draining = False
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind every listener (all or nothing), report the bound addresses, serve until
+        `drain()`; then wait for in-flight requests up to the grace period."""
+        bound: list[list[trio.SocketListener]] = []
+        try:
+            for server in self.servers:
+                listeners = await trio.open_tcp_listeners(
+                    server.config.port, host=server.config.host, backlog=LISTEN_BACKLOG
+                )
+                bound.append(listeners)
+        except BaseException:
+            for listeners in bound:
+                for listener in listeners:
+                    await listener.aclose()
+            raise
+        addresses = [
+            (str(sock_addr[0]), int(sock_addr[1]))
+            for listeners in bound
+            for sock_addr in (listener.socket.getsockname() for listener in listeners)
+        ]
+        with trio.CancelScope() as connections:
+            self._connections = connections
+            async with trio.open_nursery() as connection_nursery:
+                async with trio.open_nursery() as accept_nursery:
+                    self._accepting = accept_nursery.cancel_scope
+                    for server, listeners in zip(self.servers, bound, strict=True):
+                        accept_nursery.start_soon(
+                            partial(
+                                trio.serve_listeners,
+                                server.handle_connection,
+                                listeners,
+                                handler_nursery=connection_nursery,
+                            )
+                        )
+                    accept_nursery.start_soon(self._sweep_pools)
+                    for server in self.servers:
+                        log.info(
+                            "listener %s on %s:%d (%d routes)",
+                            server.config.name,
+                            server.config.host,
+                            server.config.port,
+                            len(server.config.routes),
+                        )
+                    task_status.started(addresses)
+        if connections.cancelled_caught:
+            log.warning("grace period over: closed the connections still open")
+        for pool in self.pools.values():
+            pool.close_idle()
+
+    def drain(self) -> None:
+        """Stop accepting, let in-flight requests finish within the grace period, close idle
+        keep-alive connections now."""
+        if self.draining:
+            return
+        self.draining = True
+        grace_s = self.config.drain.grace_period_s
+        log.info("draining: no new connections; in-flight requests have %gs", grace_s)
+        if self._accepting is not None:
+            self._accepting.cancel()
+        for server in self.servers:
+            server.start_drain()
+        if self._connections is not None:
+            self._connections.deadline = trio.current_time() + grace_s
+
+    def stop_now(self) -> None:
+        if self._connections is not None:
+            self._connections.cancel()
+        if self._accepting is not None:
+            self._accepting.cancel()
+
+    async def _sweep_pools(self) -> None:
+        while True:
+            await trio.sleep(POOL_SWEEP_INTERVAL_S)
+            for pool in self.pools.values():
+                pool.expire_idle()
+
+
+async def run(config: Config, secrets: SecretResolver | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain; a second signal stops at once. Installing
+    handlers also makes SIGTERM work when we are PID 1 in a container, where the kernel
+    ignores signals that have no handler."""
+    app = App(config, secrets)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_drain_on_signals, app, received)
+            await app.serve()
+            nursery.cancel_scope.cancel()
+
+
+async def _drain_on_signals(app: App, received: AsyncIterator[int]) -> None:
+    async for signum in received:
+        name = signal.Signals(signum).name
+        if app.draining:
+            log.warning("second %s: stopping now", name)
+            app.stop_now()
+        else:
+            log.info("%s received", name)
+            app.drain()

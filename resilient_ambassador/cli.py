@@ -1,0 +1,149 @@
+"""Command line: `run` (config file or one-liner flags), `check-config`, `--version`.
+
+Exit codes: 0 clean exit (including after a SIGTERM drain), 1 runtime failure, 2 usage or
+config error (with the key path and line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+import trio
+
+from resilient_ambassador import __version__
+from resilient_ambassador.config_loader import (
+    ConfigError,
+    config_from_flags,
+    load_config,
+    parse_listen_address,
+)
+from resilient_ambassador.core.config import Config
+from resilient_ambassador.secrets import SecretResolver
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+DEFAULT_LISTEN = "127.0.0.1:8000"
+
+log = logging.getLogger("resilient_ambassador")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="resilient-ambassador",
+        description="An ambassador sidecar that shields apps from flaky, slow, rate-limited APIs.",
+    )
+    parser.add_argument("--version", action="version", version=f"resilient-ambassador {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the daemon")
+    run.add_argument("--config", metavar="FILE", help="YAML config file")
+    run.add_argument("--listen", metavar="HOST:PORT", help=f"listen address (default {DEFAULT_LISTEN})")
+    run.add_argument("--upstream", metavar="URL", help="forward everything to this http(s):// URL")
+    run.add_argument(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="header set on every upstream request; ${VAR} reads the environment, "
+        "${file:/path} a (re-read on change) file such as a mounted Kubernetes Secret",
+    )
+    run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    run.add_argument("--log-format", default="text", choices=["text", "json"])
+
+    check = commands.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file")
+    return parser
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log collectors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("resilient_ambassador")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def config_for_run(args: argparse.Namespace, resolver: SecretResolver) -> Config:
+    """The config from --config, with the flags applied on top; or from the flags alone."""
+    if args.config is None:
+        if args.upstream is None:
+            raise ConfigError("give --upstream URL (one-liner mode) or --config FILE")
+        return config_from_flags(args.listen or DEFAULT_LISTEN, args.upstream, args.header, resolver)
+    config = load_config(args.config, resolver)
+    if args.listen is not None:
+        if len(config.listeners) != 1:
+            raise ConfigError("--listen can only override a config with exactly one listener")
+        host, port = parse_listen_address(args.listen)
+        listener = dataclasses.replace(config.listeners[0], host=host, port=port)
+        config = dataclasses.replace(config, listeners=(listener,))
+    if args.upstream is not None or args.header:
+        if len(config.upstreams) != 1:
+            raise ConfigError("--upstream/--header can only override a config with exactly one upstream")
+        ((name, upstream),) = config.upstreams.items()
+        flags = config_from_flags(
+            DEFAULT_LISTEN, args.upstream or str(upstream.url), args.header, resolver
+        ).upstreams["default"]
+        merged = dataclasses.replace(
+            upstream,
+            url=flags.url if args.upstream else upstream.url,
+            headers=upstream.headers + flags.headers,
+        )
+        config = dataclasses.replace(config, upstreams={name: merged})
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check-config":
+        try:
+            config = load_config(args.file)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"{args.file}: ok ({len(config.listeners)} listeners, {len(config.upstreams)} upstreams)")
+        return EXIT_OK
+
+    setup_logging(args.log_level, args.log_format)
+    resolver = SecretResolver()
+    try:
+        config = config_for_run(args, resolver)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from resilient_ambassador.app import run
+
+    try:
+        trio.run(run, config, resolver)
+    except OSError as exc:
+        log.error("cannot start: %s", exc)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        return EXIT_OK
+    log.info("stopped")
+    return EXIT_OK

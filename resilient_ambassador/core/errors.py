@@ -1,0 +1,85 @@
+"""Our error tree. Foreign exceptions (trio, h11, ssl, OS) are mapped to these at the `net`
+boundary, so stages and the server only ever reason about these."""
+
+from __future__ import annotations
+
+import json
+
+
+class ProxyError(Exception):
+    """An error the daemon answers itself: a status, a stable machine-readable reason and a
+    human message. The message never includes header values (they may be credentials)."""
+
+    status = 502
+    reason = "proxy_error"
+
+    def __init__(self, message: str, *, upstream: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.upstream = upstream
+
+    def body(self) -> bytes:
+        doc: dict[str, str] = {"error": self.reason, "message": self.message}
+        if self.upstream is not None:
+            doc["upstream"] = self.upstream
+        return json.dumps(doc, separators=(",", ":")).encode() + b"\n"
+
+
+class UpstreamError(ProxyError):
+    """Anything that went wrong talking to the upstream (a candidate breaker failure)."""
+
+
+class UpstreamConnectError(UpstreamError):
+    reason = "upstream_connect_failed"
+
+
+class UpstreamDNSError(UpstreamConnectError):
+    reason = "upstream_dns_failed"
+
+
+class UpstreamTLSError(UpstreamConnectError):
+    reason = "upstream_tls_failed"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    reason = "upstream_timeout"
+
+
+class UpstreamConnectTimeout(UpstreamTimeout):
+    reason = "upstream_connect_timeout"
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream broke HTTP/1.1 (garbage, bad framing, oversized head) or reset mid-way."""
+
+    reason = "upstream_bad_response"
+
+
+class UpstreamPoolTimeout(UpstreamError):
+    status = 503
+    reason = "upstream_pool_exhausted"
+
+
+class StaleConnection(UpstreamError):
+    """A pooled connection the peer had already closed; no response byte arrived, so an
+    idempotent request may be replayed on a fresh connection."""
+
+    reason = "upstream_connection_closed"
+
+
+class ClientError(ProxyError):
+    """The downstream request is unacceptable; the connection is closed after the answer."""
+
+    status = 400
+    reason = "bad_request"
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+class NoRoute(ProxyError):
+    status = 404
+    reason = "no_route"

@@ -1,0 +1,233 @@
+"""Header and framing rules for a forwarding proxy (RFC 9110 section 7.6, RFC 9112).
+
+h11 parses, but it is permissive where a proxy must not be: it accepts a complete head of any
+size in one read, obs-fold, bare LF, both framing headers at once, absolute-form targets for
+another host and any HTTP/x.y version. These pure checks close those gaps; `net.server` runs
+`check_request_head` on the raw bytes before h11 sees them and `check_request` on h11's event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import final
+
+from resilient_ambassador.core.config import ClientLimits
+from resilient_ambassador.core.errors import ClientError
+from resilient_ambassador.core.messages import Headers
+
+# RFC 9110 7.6.1 + RFC 9112 7: connection-specific fields never forwarded. `expect` is not
+# hop-by-hop by the RFC, but we answer 100-continue ourselves and send the upstream a
+# complete body.
+HOP_BY_HOP: frozenset[bytes] = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"expect",
+    }
+)
+
+VIA_PSEUDONYM = b"resilient-ambassador"
+
+HEAD_END = b"\r\n\r\n"
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class HeadScan:
+    """Result of scanning buffered bytes for a complete request head."""
+
+    complete: bool
+    head_length: int = 0  # bytes up to and including the blank line, when complete
+
+
+def scan_request_head(buf: bytes | bytearray, limits: ClientLimits) -> HeadScan:
+    """Find the end of the request head in `buf` and enforce our limits on its raw bytes.
+
+    Raises ClientError (414/431/400). Runs before h11 sees the bytes, because h11 enforces
+    its size limit only on data that is still incomplete.
+    """
+    start = 0
+    while buf.startswith(b"\r\n", start):  # RFC 9112 2.2: ignore empty lines before a request
+        start += 2
+    end = buf.find(HEAD_END, start)
+    line_end = buf.find(b"\r\n", start)
+    if line_end == -1 or line_end > end >= 0:
+        line_end = end
+    if line_end == -1:
+        if len(buf) - start > limits.max_request_line_bytes:
+            raise ClientError(414, "uri_too_long", "request line too long")
+        if b"\n" in buf:
+            raise ClientError(400, "bad_request", "bare LF in request head")
+        return HeadScan(complete=False)
+    if line_end - start > limits.max_request_line_bytes:
+        raise ClientError(414, "uri_too_long", "request line too long")
+    if end == -1:
+        if len(buf) - line_end > limits.max_header_bytes:
+            raise ClientError(431, "headers_too_large", "request headers too large")
+        if buf.count(b"\n", start) != buf.count(b"\r\n", start):
+            raise ClientError(400, "bad_request", "bare LF in request head")
+        return HeadScan(complete=False)
+    head = bytes(buf[start : end + 4])
+    if head.count(b"\n") != head.count(b"\r\n"):
+        raise ClientError(400, "bad_request", "bare LF in request head")
+    if b"\n " in head or b"\n\t" in head:
+        # RFC 9112 5.2: a server MUST reject obs-fold (or replace it); a proxy that joins
+        # lines differently from the upstream enables smuggling.
+        raise ClientError(400, "bad_request", "obsolete line folding in request head")
+    if len(head) - (line_end - start) > limits.max_header_bytes + 4:
+        raise ClientError(431, "headers_too_large", "request headers too large")
+    if head.count(b"\r\n") - 2 > limits.max_header_count:
+        raise ClientError(431, "headers_too_large", "too many request header fields")
+    return HeadScan(complete=True, head_length=end + 4)
+
+
+def check_request(method: bytes, target: bytes, http_version: bytes, headers: Headers) -> None:
+    """Reject what a forwarding proxy must not pass on. Raises ClientError."""
+    if http_version not in (b"1.1", b"1.0"):
+        raise ClientError(505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1")
+    if not method.isupper() or not method.isalpha():
+        # Methods are case-sensitive (RFC 9110 9.1); `get` is not GET and often a probe.
+        raise ClientError(400, "bad_request", "invalid method")
+    if method == b"CONNECT":
+        raise ClientError(405, "method_not_allowed", "CONNECT is not supported")
+    has_te = has_cl = False
+    for name, _ in headers:
+        if name == b"transfer-encoding":
+            has_te = True
+        elif name == b"content-length":
+            has_cl = True
+    if has_te and has_cl:
+        # RFC 9112 6.3: may be a smuggling attempt; a proxy MUST NOT forward both.
+        raise ClientError(400, "bad_request", "both Content-Length and Transfer-Encoding")
+    if target == b"*" and method != b"OPTIONS":
+        raise ClientError(400, "bad_request", "asterisk-form target is only valid for OPTIONS")
+
+
+def origin_form_target(target: bytes, host: bytes | None) -> bytes:
+    """Turn an absolute-form target into origin-form, refusing one whose authority is not the
+    Host we route on (the proxy must never dial an address taken from the request)."""
+    if target.startswith(b"/") or target == b"*":
+        return target
+    lowered = target[:8].lower()
+    for scheme in (b"http://", b"https://"):
+        if lowered.startswith(scheme):
+            rest = target[len(scheme) :]
+            slash = rest.find(b"/")
+            authority, path = (rest, b"/") if slash == -1 else (rest[:slash], rest[slash:])
+            if host is None or authority.lower() != host.lower():
+                raise ClientError(400, "bad_request", "absolute-form target for another host")
+            return path
+    raise ClientError(400, "bad_request", "invalid request target")
+
+
+def normalize_path(target: bytes) -> bytes:
+    """RFC 3986 5.2.4 remove_dot_segments on the path (percent-encoded dots included), so
+    `/api/../admin` cannot slip past a `/api` route. The query is kept as is."""
+    path, sep, query = target.partition(b"?")
+    if b"." not in path and b"%2" not in path:
+        return target
+    segments = path.split(b"/")
+    out: list[bytes] = []
+    for seg in segments[1:]:
+        norm = seg.replace(b"%2e", b".").replace(b"%2E", b".")
+        if norm == b"..":
+            if out:
+                out.pop()
+        elif norm != b".":
+            out.append(seg)
+    if segments[-1].replace(b"%2e", b".").replace(b"%2E", b".") in (b".", b".."):
+        out.append(b"")
+    return b"/" + b"/".join(out) + sep + query
+
+
+def connection_tokens(headers: Headers) -> set[bytes]:
+    """Names listed in `Connection` (lower-case): RFC 9110 7.6.1 says they are hop-by-hop."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+def forward_request_headers(
+    headers: Headers,
+    *,
+    upstream_host: bytes,
+    client_ip: bytes,
+    downstream_scheme: bytes,
+    chunked_body: bool,
+) -> Headers:
+    """Headers for the upstream request: hop-by-hop and Connection-named fields removed, Host
+    rewritten, X-Forwarded-* and Via added. Injected headers are added later, at the very last
+    step (`inject_headers`), so no stage, log or span ever holds the secret."""
+    drop = HOP_BY_HOP | connection_tokens(headers) | {b"host"}
+    out: Headers = [(b"host", upstream_host)]
+    xff: bytes | None = None
+    via: bytes | None = None
+    original_host = b""
+    for name, value in headers:
+        if name == b"host":
+            original_host = value
+        if name in drop or b"_" in name:
+            # Underscored names are dropped as nginx does: some servers read X_Api_Key as
+            # X-Api-Key, which would let a client smuggle a second copy of a credential.
+            continue
+        if name == b"x-forwarded-for":
+            xff = value if xff is None else xff + b", " + value
+        elif name == b"via":
+            via = value if via is None else via + b", " + value
+        elif name not in (b"x-forwarded-proto", b"x-forwarded-host"):
+            out.append((name, value))
+    out.append((b"x-forwarded-for", client_ip if xff is None else xff + b", " + client_ip))
+    out.append((b"x-forwarded-proto", downstream_scheme))
+    if original_host:
+        out.append((b"x-forwarded-host", original_host))
+    own_via = b"1.1 " + VIA_PSEUDONYM
+    out.append((b"via", own_via if via is None else via + b", " + own_via))
+    if chunked_body:
+        out.append((b"transfer-encoding", b"chunked"))
+    return out
+
+
+def inject_headers(headers: Headers, injected: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """Replace every client copy of an injected header (never duplicate a credential)."""
+    injected = list(injected)
+    if not injected:
+        return headers
+    names = {name for name, _ in injected}
+    return [(n, v) for n, v in headers if n not in names] + injected
+
+
+def inject_query(target: bytes, params: Iterable[tuple[bytes, bytes]]) -> bytes:
+    """Set query parameters (already percent-encoded), replacing client copies."""
+    params = list(params)
+    if not params:
+        return target
+    path, _, query = target.partition(b"?")
+    names = {name for name, _ in params}
+    kept = [p for p in query.split(b"&") if p and p.split(b"=", 1)[0] not in names]
+    kept.extend(name + b"=" + value for name, value in params)
+    return path + b"?" + b"&".join(kept)
+
+
+def response_headers_for_client(headers: Headers, secrets: Iterable[bytes] = ()) -> Headers:
+    """Upstream response headers as the client may see them: hop-by-hop removed (h11 sets our
+    own framing), and any header echoing an injected secret dropped."""
+    drop = HOP_BY_HOP | connection_tokens(headers)
+    secrets = [s for s in secrets if s]
+    out: Headers = []
+    for name, value in headers:
+        if name in drop:
+            continue
+        if secrets and any(s in value for s in secrets):
+            continue
+        out.append((name, value))
+    return out

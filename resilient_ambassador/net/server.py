@@ -1,0 +1,427 @@
+"""The downstream side: an HTTP/1.1 keep-alive server (h11 on trio) that hands each request to
+its route's pipeline and streams the response back.
+
+It enforces what h11 leaves to us: head size limits on the raw bytes, a header-read deadline,
+a body deadline and size limit, a send timeout, requests-per-connection, and a clean close
+(with a 4xx answer) for anything malformed. See core/headers.py for the rules themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import final
+
+import h11
+import trio
+
+from resilient_ambassador.core.config import ClientLimits, ListenerConfig, RouteConfig
+from resilient_ambassador.core.errors import ClientError, NoRoute, ProxyError
+from resilient_ambassador.core.headers import (
+    check_request,
+    forward_request_headers,
+    normalize_path,
+    origin_form_target,
+    scan_request_head,
+)
+from resilient_ambassador.core.messages import (
+    EMPTY_BODY,
+    Body,
+    BufferedBody,
+    Handler,
+    Headers,
+    Request,
+    Response,
+)
+from resilient_ambassador.core.routing import Router
+
+log = logging.getLogger("resilient_ambassador.server")
+
+RECEIVE_BYTES = 65536
+# Flush what we coalesced once it reaches this size, even if more is ready.
+FLUSH_BYTES = 65536
+REASON_HEADER = b"x-ambassador-error"
+# After answering a bad request: how long and how much of the client's leftover we read
+# before closing (nginx lingering_timeout is 5 s; we only need the answer to get through).
+LINGER_S = 1.0
+LINGER_BYTES = 256 * 1024
+
+
+class ClientGone(Exception):
+    """The client closed or reset the connection; nothing can be sent to it."""
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class RouteRuntime:
+    """What the server needs per route: its config, its pipeline and the upstream Host."""
+
+    config: RouteConfig
+    handler: Handler
+    upstream_host: bytes
+
+
+def error_headers(error: ProxyError, body: bytes) -> Headers:
+    return [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (REASON_HEADER, error.reason.encode()),
+        (b"cache-control", b"no-store"),
+    ]
+
+
+def error_response(error: ProxyError) -> Response:
+    """The daemon's own answer: a short JSON body and a reason header, never header values."""
+    body = error.body()
+    return Response(status=error.status, headers=error_headers(error, body), body=BufferedBody(body))
+
+
+@final
+class HttpServer:
+    """Serves one listener. `draining` makes every connection close after its current
+    request; idle keep-alive connections are woken and closed at once."""
+
+    def __init__(self, config: ListenerConfig, routes: Mapping[int, RouteRuntime]) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.router = Router(config.routes)
+        self.routes = routes  # keyed by id(RouteConfig)
+        self.draining = False
+        self.open_connections = 0
+        self._idle_scopes: set[trio.CancelScope] = set()
+
+    def start_drain(self) -> None:
+        self.draining = True
+        for scope in self._idle_scopes:
+            scope.cancel()
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        if self.open_connections >= self.limits.max_connections:
+            log.warning(
+                "listener %s: connection cap %d reached, refusing",
+                self.config.name,
+                self.limits.max_connections,
+            )
+            stream.socket.close()
+            return
+        self.open_connections += 1
+        try:
+            await ClientConnection(self, stream).run()
+        finally:
+            self.open_connections -= 1
+            stream.socket.close()
+
+
+@final
+class DownstreamBody:
+    """The request body, read from the client as the upstream side consumes it."""
+
+    __slots__ = (
+        "_client",
+        "_deadline",
+        "_length",
+        "_limit",
+        "_peeked",
+        "_received",
+        "_started",
+        "done",
+    )
+
+    def __init__(self, client: ClientConnection, length: int | None, limit: int) -> None:
+        self._client = client
+        self._length = length
+        self._limit = limit
+        self._received = 0
+        self._started = False
+        self._deadline = math.inf
+        self.done = False
+
+    @property
+    def length(self) -> int | None:
+        return self._length
+
+    @property
+    def replayable(self) -> bool:
+        return False
+
+    def ready(self) -> bool:
+        return False
+
+    def __aiter__(self) -> DownstreamBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        client = self._client
+        h = client.h11
+        if not self._started:
+            self._started = True
+            self._deadline = trio.current_time() + client.limits.body_read_timeout_s
+            if h.they_are_waiting_for_100_continue:
+                await client.send(h.send(h11.InformationalResponse(status_code=100, headers=[])))
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise ClientError(exc.error_status_hint, "bad_request", f"bad request body: {exc}") from None
+            if event is h11.NEED_DATA:
+                data = await client.receive(self._deadline, "request body timeout")
+                h.receive_data(data)
+                continue
+            event_type = type(event)
+            if event_type is h11.Data:
+                self._received += len(event.data)
+                if self._received > self._limit:
+                    raise ClientError(413, "body_too_large", "request body too large")
+                return bytes(event.data)
+            if event_type is h11.EndOfMessage:
+                self.done = True
+                raise StopAsyncIteration
+            raise ClientGone()
+
+
+@final
+class ClientConnection:
+    """One downstream connection: a loop of read head -> route -> forward -> respond."""
+
+    __slots__ = ("buffer", "h11", "limits", "peer_ip", "requests_served", "server", "stream")
+
+    def __init__(self, server: HttpServer, stream: trio.SocketStream) -> None:
+        self.server = server
+        self.stream = stream
+        self.limits: ClientLimits = server.limits
+        self.h11 = h11.Connection(h11.SERVER)
+        self.buffer = bytearray()  # raw head bytes, scanned before h11 sees them
+        self.requests_served = 0
+        try:
+            self.peer_ip = str(stream.socket.getpeername()[0]).encode()
+        except OSError:
+            self.peer_ip = b"unknown"
+
+    async def run(self) -> None:
+        try:
+            while True:
+                request = await self._read_head()
+                if request is None:
+                    return
+                if not await self._serve(request):
+                    return
+                self._next_cycle()
+        except ClientGone:
+            return
+        except ClientError as exc:
+            await self._answer_and_close(exc)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def receive(self, deadline: float, timeout_reason: str) -> bytes:
+        with trio.move_on_at(deadline):
+            try:
+                data = await self.stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                raise ClientGone() from None
+            return data
+        raise ClientError(408, "request_timeout", timeout_reason)
+
+    async def _read_head(self) -> h11.Request | None:
+        """The next request head, validated; None when the client closed or went idle."""
+        limits = self.limits
+        buffer = self.buffer
+        first_request = self.requests_served == 0
+        idle_timeout = limits.header_read_timeout_s if first_request else limits.keepalive_timeout_s
+        deadline = trio.current_time() + idle_timeout
+        while True:
+            if buffer:
+                if scan_request_head(buffer, limits).complete:
+                    self.h11.receive_data(bytes(buffer))
+                    buffer.clear()
+                    break
+                data = await self.receive(deadline, "request header timeout")
+            else:
+                if self.server.draining:
+                    return None
+                with trio.CancelScope(deadline=deadline) as idle:
+                    self.server._idle_scopes.add(idle)
+                    try:
+                        data = await self.stream.receive_some(RECEIVE_BYTES)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        return None
+                    finally:
+                        self.server._idle_scopes.discard(idle)
+                if idle.cancelled_caught:
+                    return None  # keep-alive idle timeout or drain: close quietly
+                deadline = trio.current_time() + limits.header_read_timeout_s
+            if not data:
+                if buffer:
+                    raise ClientGone()  # half a head, then EOF: nothing to answer
+                return None
+            buffer += data
+        try:
+            event = self.h11.next_event()
+        except h11.RemoteProtocolError as exc:
+            raise ClientError(exc.error_status_hint, "bad_request", str(exc)) from None
+        if type(event) is not h11.Request:
+            raise ClientError(400, "bad_request", "malformed request")
+        return event
+
+    def _next_cycle(self) -> None:
+        """Start the next request; bytes the client pipelined after this request go back into
+        our scan buffer (on a fresh h11 state) so they pass the same raw-head checks."""
+        leftover, _ = self.h11.trailing_data
+        if leftover:
+            self.h11 = h11.Connection(h11.SERVER)
+            self.buffer += leftover
+        else:
+            self.h11.start_next_cycle()
+
+    # -- serving ---------------------------------------------------------------------------
+
+    def _build_request(self, event: h11.Request) -> tuple[Request, RouteRuntime]:
+        headers: Headers = list(event.headers)
+        check_request(event.method, event.target, event.http_version, headers)
+        host = None
+        length: int | None = None
+        chunked = False
+        for name, value in headers:
+            if name == b"host":
+                host = value
+            elif name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = True
+        target = normalize_path(origin_form_target(event.target, host))
+        match = self.server.router.match(host, target)
+        if match is None:
+            raise NoRoute("no route for this host and path")
+        route_config, upstream_target = match
+        route = self.server.routes[id(route_config)]
+        limit = route_config.max_request_body_bytes
+        if length is not None and length > limit:
+            # Before any 100 Continue: the client need not send the body at all.
+            raise ClientError(413, "body_too_large", "request body too large")
+        body: Body = EMPTY_BODY if not chunked and not length else DownstreamBody(self, length, limit)
+        request = Request(
+            method=event.method,
+            target=upstream_target,
+            headers=forward_request_headers(
+                headers,
+                upstream_host=route.upstream_host,
+                client_ip=self.peer_ip,
+                downstream_scheme=b"http",
+                chunked_body=chunked,
+            ),
+            body=body,
+            http_version=event.http_version,
+        )
+        return request, route
+
+    async def _serve(self, event: h11.Request) -> bool:
+        """Serve one request; True when the connection may carry another."""
+        self.requests_served += 1
+        try:
+            request, route = self._build_request(event)
+        except ClientError:
+            raise
+        except ProxyError as exc:
+            self._log_error(event, exc)
+            await self._respond(error_response(exc), close=False)
+            return self._reusable()
+        try:
+            response = await route.handler(request)
+        except ClientError:
+            raise
+        except ProxyError as exc:
+            self._log_error(event, exc, route.config.upstream)
+            response = error_response(exc)
+        await self._respond(response, close=False)
+        return self._reusable()
+
+    def _reusable(self) -> bool:
+        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+
+    async def _respond(self, response: Response, *, close: bool) -> None:
+        """Send a response, coalescing head, body chunks and end into as few writes as the
+        body allows. An upstream failure after the head went out aborts the connection: the
+        client must never mistake a truncated body for a complete one."""
+        h = self.h11
+        headers = response.headers
+        if close or self.server.draining or self.requests_served >= self.limits.max_requests_per_connection:
+            headers = [*headers, (b"connection", b"close")]
+        try:
+            try:
+                out = h.send(
+                    h11.Response(status_code=response.status, headers=headers, reason=response.reason)
+                )
+                body = response.body
+                if not body.ready():
+                    await self.send(out)
+                    out = b""
+                async for chunk in body:
+                    out += h.send(h11.Data(data=chunk))
+                    if len(out) >= FLUSH_BYTES or not body.ready():
+                        await self.send(out)
+                        out = b""
+                await self.send(out + h.send(h11.EndOfMessage()))
+            except ProxyError as exc:
+                log.warning("aborting response to client: %s", exc.message)
+                raise ClientGone() from None
+            except h11.LocalProtocolError as exc:
+                log.warning("aborting response to client: %s", exc)
+                raise ClientGone() from None
+        finally:
+            response.release()
+
+    async def send(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            with trio.fail_after(self.limits.send_timeout_s):
+                await self.stream.send_all(data)
+        except trio.TooSlowError:
+            log.info(
+                "client %s stopped reading for %gs; closing",
+                self.peer_ip.decode(),
+                self.limits.send_timeout_s,
+            )
+            raise ClientGone() from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise ClientGone() from None
+
+    async def _answer_and_close(self, error: ClientError) -> None:
+        """Answer a bad request, unless a response is already under way, then close the way
+        nginx's lingering close does: half-close, and discard what the client still sends for
+        a moment so an unread request body does not turn our answer into a RST."""
+        log.info("rejecting request from %s: %d %s", self.peer_ip.decode(), error.status, error.message)
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = error.body()
+        # Written by hand: h11 refuses to answer from IDLE, where our raw-head checks fail.
+        head = [b"HTTP/1.1 %d %s" % (error.status, HTTPStatus(error.status).phrase.encode())]
+        head.extend(name + b": " + value for name, value in error_headers(error, body))
+        head.append(b"connection: close")
+        try:
+            await self.send(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            await self.stream.send_eof()
+            with trio.move_on_after(LINGER_S):
+                discarded = 0
+                while discarded < LINGER_BYTES:
+                    data = await self.stream.receive_some(RECEIVE_BYTES)
+                    if not data:
+                        break
+                    discarded += len(data)
+        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return
+
+    def _log_error(self, event: h11.Request, exc: ProxyError, upstream: str | None = None) -> None:
+        path = bytes(event.target).split(b"?", 1)[0][:200].decode("latin-1")
+        log.warning(
+            "%s %s -> %d %s (%s)%s",
+            event.method.decode("latin-1"),
+            path,
+            exc.status,
+            exc.reason,
+            exc.message,
+            f" upstream={upstream}" if upstream else "",
+        )

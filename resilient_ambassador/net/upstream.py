@@ -1,0 +1,422 @@
+"""The upstream side: a keep-alive connection pool per upstream and the client that forwards
+one request over it. The client is the innermost `Handler` of every route's pipeline.
+
+Foreign exceptions (OSError, ssl, trio, h11) are mapped to `core.errors` here, at the boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import ssl
+from typing import final
+from urllib.parse import quote
+
+import h11
+import trio
+
+from resilient_ambassador.core.config import UpstreamConfig
+from resilient_ambassador.core.errors import (
+    StaleConnection,
+    UpstreamConnectError,
+    UpstreamConnectTimeout,
+    UpstreamDNSError,
+    UpstreamPoolTimeout,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamTLSError,
+)
+from resilient_ambassador.core.headers import inject_headers, inject_query
+from resilient_ambassador.core.headers import response_headers_for_client as client_view
+from resilient_ambassador.core.messages import Body, Request, Response
+from resilient_ambassador.net.tls import client_context
+from resilient_ambassador.secrets import SecretResolver
+
+log = logging.getLogger("resilient_ambassador.upstream")
+
+RECEIVE_BYTES = 65536
+# Upstream response heads above this are refused (HAProxy uses 16 KiB, Varnish 32 KiB).
+MAX_RESPONSE_HEAD_BYTES = 32 * 1024
+MAX_RESPONSE_HEADER_COUNT = 100
+# RFC 9110 9.2.2: safe to replay when we cannot know whether the first attempt was processed.
+IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
+class _PeerClosed(Exception):
+    """The upstream closed or reset the connection; `got_bytes` says whether any response
+    byte had arrived (if not, the request may be replayed)."""
+
+    def __init__(self, got_bytes: bool) -> None:
+        super().__init__("upstream closed the connection")
+        self.got_bytes = got_bytes
+
+
+@final
+class UpstreamConnection:
+    """One TCP (or TLS) connection to the upstream with its h11 client state."""
+
+    __slots__ = ("conn_id", "fd", "h11", "last_used", "reusable", "stream")
+
+    def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType, conn_id: int):
+        self.stream = stream
+        self.fd = sock.fileno()
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
+        self.conn_id = conn_id
+        self.last_used = 0.0
+        self.reusable = True
+
+    def looks_stale(self) -> bool:
+        """An idle keep-alive connection must have nothing to read: readable means the peer
+        closed it (EOF) or sent something unsolicited; either way it must not be reused."""
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        return bool(poller.poll(0))
+
+    def close(self) -> None:
+        """Close at once, without a TLS close_notify: used for discarded connections."""
+        sock = _raw_socket(self.stream)
+        sock.close()
+
+
+def _raw_socket(stream: trio.abc.Stream) -> trio.socket.SocketType:
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    assert isinstance(stream, trio.SocketStream)
+    return stream.socket
+
+
+@final
+class ConnectionPool:
+    """LIFO pool of idle keep-alive connections. At most `max_connections` exist at once;
+    the most recently used idle connection is reused first (it is the least likely to have
+    been closed by the peer)."""
+
+    def __init__(self, config: UpstreamConfig) -> None:
+        self.config = config
+        self._ssl: ssl.SSLContext | None = client_context(config.tls) if config.url.uses_tls else None
+        self._idle: list[UpstreamConnection] = []
+        self._slots = trio.Semaphore(config.pool.max_connections)
+        self._next_id = 0
+        self.connections_opened = 0
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    @property
+    def in_use(self) -> int:
+        return self.config.pool.max_connections - self._slots.value - len(self._idle)
+
+    async def acquire(self, *, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
+        """A connection and whether it was reused from the pool."""
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            with trio.move_on_after(self.config.pool.acquire_timeout_s) as scope:
+                await self._slots.acquire()
+            if scope.cancelled_caught:
+                raise UpstreamPoolTimeout(
+                    f"no free connection within {self.config.pool.acquire_timeout_s:g}s",
+                    upstream=self.config.name,
+                ) from None
+        try:
+            if not fresh:
+                now = trio.current_time()
+                while self._idle:
+                    conn = self._idle.pop()
+                    if now - conn.last_used < self.config.pool.idle_timeout_s and not conn.looks_stale():
+                        return conn, True
+                    conn.close()
+            return await self._connect(), False
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Return a connection whose exchange completed cleanly; anything else is discarded."""
+        h = conn.h11
+        if (
+            conn.reusable
+            and h.our_state is h11.DONE
+            and h.their_state is h11.DONE
+            and not h.trailing_data[0]  # bytes after the body: framing doubt, never reuse
+        ):
+            h.start_next_cycle()
+            conn.last_used = trio.current_time()
+            self._idle.append(conn)
+        else:
+            conn.close()
+        self._slots.release()
+
+    def discard(self, conn: UpstreamConnection) -> None:
+        conn.close()
+        self._slots.release()
+
+    def expire_idle(self) -> None:
+        """Close idle connections past their idle timeout (called periodically by the app)."""
+        now = trio.current_time()
+        keep = []
+        for conn in self._idle:
+            if now - conn.last_used < self.config.pool.idle_timeout_s and not conn.looks_stale():
+                keep.append(conn)
+            else:
+                conn.close()
+        self._idle = keep
+
+    def close_idle(self) -> None:
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+
+    async def _connect(self) -> UpstreamConnection:
+        url = self.config.url
+        name = self.config.name
+        timeout_s = self.config.timeouts.connect_s
+        try:
+            with trio.fail_after(timeout_s):
+                try:
+                    tcp = await trio.open_tcp_stream(url.host, url.port)
+                except socket.gaierror as exc:
+                    raise UpstreamDNSError(
+                        f"upstream DNS resolution failed for {url.host}: {exc.strerror}",
+                        upstream=name,
+                    ) from exc
+                except OSError as exc:
+                    raise UpstreamConnectError(
+                        f"connect to {url.host}:{url.port} failed: {exc.strerror or exc}",
+                        upstream=name,
+                    ) from exc
+                stream: trio.abc.Stream = tcp
+                if self._ssl is not None:
+                    stream = await self._handshake(tcp)
+        except trio.TooSlowError:
+            raise UpstreamConnectTimeout(
+                f"connect to {url.host}:{url.port} timed out after {timeout_s:g}s", upstream=name
+            ) from None
+        self._next_id += 1
+        self.connections_opened += 1
+        return UpstreamConnection(stream, tcp.socket, self._next_id)
+
+    async def _handshake(self, tcp: trio.SocketStream) -> trio.SSLStream[trio.SocketStream]:
+        assert self._ssl is not None
+        server_name = self.config.tls.server_name or self.config.url.host
+        tls = trio.SSLStream(tcp, self._ssl, server_hostname=server_name, https_compatible=True)
+        try:
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            tcp.socket.close()
+            cause = exc.__cause__
+            detail = getattr(cause, "verify_message", None) or getattr(cause, "reason", None)
+            raise UpstreamTLSError(
+                f"TLS handshake with {server_name} failed: {detail or cause or 'connection lost'}",
+                upstream=self.config.name,
+            ) from exc
+        except BaseException:
+            tcp.socket.close()
+            raise
+        return tls
+
+
+@final
+class UpstreamBody:
+    """The response body, streamed from the upstream connection as the client reads it."""
+
+    __slots__ = ("_conn", "_length", "_peeked", "_read_idle_s", "_upstream", "done")
+
+    def __init__(self, conn: UpstreamConnection, length: int | None, read_idle_s: float, upstream: str):
+        self._conn = conn
+        self._length = length
+        self._read_idle_s = read_idle_s
+        self._upstream = upstream
+        self._peeked: object = None
+        self.done = False
+
+    @property
+    def length(self) -> int | None:
+        return self._length
+
+    @property
+    def replayable(self) -> bool:
+        return False
+
+    def ready(self) -> bool:
+        if self._peeked is None:
+            try:
+                self._peeked = self._conn.h11.next_event()
+            except h11.RemoteProtocolError:
+                return True  # __anext__ will raise it
+        return self._peeked is not h11.NEED_DATA
+
+    def __aiter__(self) -> UpstreamBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        h = self._conn.h11
+        while True:
+            try:
+                event, self._peeked = self._peeked or h.next_event(), None
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamProtocolError(f"bad response body: {exc}", upstream=self._upstream) from None
+            if event is h11.NEED_DATA:
+                try:
+                    with trio.fail_after(self._read_idle_s):
+                        data = await self._conn.stream.receive_some(RECEIVE_BYTES)
+                except trio.TooSlowError:
+                    raise UpstreamTimeout(
+                        f"response body stalled for {self._read_idle_s:g}s", upstream=self._upstream
+                    ) from None
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    raise UpstreamProtocolError(
+                        "upstream reset the connection mid-body", upstream=self._upstream
+                    ) from None
+                h.receive_data(data)
+                continue
+            event_type = type(event)
+            if event_type is h11.Data:
+                return bytes(event.data)
+            if event_type is h11.EndOfMessage:
+                self.done = True
+                raise StopAsyncIteration
+            raise UpstreamProtocolError("upstream closed the connection mid-body", upstream=self._upstream)
+
+
+@final
+class UpstreamClient:
+    """Forwards a request to one upstream: injects configured headers/query parameters (the
+    only place credentials are added), replays once on a stale pooled connection."""
+
+    def __init__(self, config: UpstreamConfig, pool: ConnectionPool, secrets: SecretResolver):
+        self.config = config
+        self.pool = pool
+        self._secrets = secrets
+        self._header_names = [(name.lower().encode(), tpl) for name, tpl in config.headers]
+        self._query_names = [(quote(name, safe="").encode(), tpl) for name, tpl in config.query]
+        self._base_path = config.url.base_path.encode()
+        self._has_secrets = any(t.is_secret for _, t in (*config.headers, *config.query))
+
+    def _secret_values(self) -> list[bytes]:
+        if not self._has_secrets:
+            return []
+        return [v.encode() for v in self._secrets.secret_values()]
+
+    def _outgoing(self, request: Request) -> h11.Request:
+        headers = inject_headers(
+            request.headers,
+            ((name, self._secrets.resolve(tpl).encode()) for name, tpl in self._header_names),
+        )
+        target = self._base_path + request.target if self._base_path else request.target
+        target = inject_query(
+            target,
+            ((name, quote(self._secrets.resolve(tpl), safe="").encode()) for name, tpl in self._query_names),
+        )
+        return h11.Request(method=request.method, target=target, headers=headers)
+
+    async def __call__(self, request: Request) -> Response:
+        outgoing = self._outgoing(request)
+        conn, reused = await self.pool.acquire()
+        try:
+            return await self._exchange(conn, reused, outgoing, request.body)
+        except StaleConnection:
+            if not (request.body.replayable and request.method in IDEMPOTENT_METHODS):
+                raise UpstreamProtocolError(
+                    "upstream closed a reused connection before answering",
+                    upstream=self.config.name,
+                ) from None
+            log.debug("replaying %s on a fresh connection to %s", request.method, self.config.name)
+            conn, _ = await self.pool.acquire(fresh=True)
+            return await self._exchange(conn, False, outgoing, request.body)
+
+    async def _exchange(
+        self, conn: UpstreamConnection, reused: bool, outgoing: h11.Request, body: Body
+    ) -> Response:
+        name = self.config.name
+        try:
+            try:
+                await self._send_request(conn, outgoing, body)
+                with trio.fail_after(self.config.timeouts.response_s):
+                    response = await self._receive_head(conn)
+            except _PeerClosed as exc:
+                if exc.got_bytes or not reused:
+                    raise UpstreamProtocolError("upstream closed the connection", upstream=name) from None
+                raise StaleConnection("upstream closed the connection", upstream=name) from None
+            except trio.TooSlowError:
+                raise UpstreamTimeout(
+                    f"no response within {self.config.timeouts.response_s:g}s", upstream=name
+                ) from None
+            except h11.RemoteProtocolError as exc:
+                raise UpstreamProtocolError(f"invalid response: {exc}", upstream=name) from None
+        except BaseException:
+            self.pool.discard(conn)
+            raise
+        headers = response.headers
+        if len(headers) > MAX_RESPONSE_HEADER_COUNT:
+            self.pool.discard(conn)
+            raise UpstreamProtocolError("too many response header fields", upstream=name)
+        length: int | None = None
+        has_te = False
+        for hname, value in headers:
+            if hname == b"content-length":
+                length = int(value)
+            elif hname == b"transfer-encoding":
+                has_te = True
+        forwarded = client_view(list(headers), self._secret_values())
+        if has_te and length is not None:
+            # RFC 9112 6.3: Transfer-Encoding wins; never reuse a connection that sent both.
+            conn.reusable = False
+            length = None
+            forwarded = [(n, v) for n, v in forwarded if n != b"content-length"]
+        upstream_body = UpstreamBody(conn, length, self.config.timeouts.read_idle_s, name)
+
+        def release() -> None:
+            if upstream_body.done:
+                self.pool.release(conn)
+            else:
+                self.pool.discard(conn)
+
+        return Response(
+            status=response.status_code,
+            headers=forwarded,
+            body=upstream_body,
+            reason=bytes(response.reason),
+            release=release,
+        )
+
+    async def _send_request(self, conn: UpstreamConnection, outgoing: h11.Request, body: Body) -> None:
+        h = conn.h11
+        head = h.send(outgoing)
+        if body.length == 0:
+            await _send(conn, head + h.send(h11.EndOfMessage()))
+            return
+        await _send(conn, head)
+        async for chunk in body:
+            await _send(conn, h.send(h11.Data(data=chunk)))
+        await _send(conn, h.send(h11.EndOfMessage()))
+
+    async def _receive_head(self, conn: UpstreamConnection) -> h11.Response:
+        h = conn.h11
+        got_bytes = False
+        while True:
+            event = h.next_event()
+            if event is h11.NEED_DATA:
+                try:
+                    data = await conn.stream.receive_some(RECEIVE_BYTES)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    raise _PeerClosed(got_bytes) from None
+                if not data:
+                    raise _PeerClosed(got_bytes)
+                got_bytes = True
+                h.receive_data(data)
+                continue
+            if type(event) is h11.Response:
+                return event
+            if type(event) is h11.InformationalResponse:
+                continue  # 100 Continue and friends: we sent the whole body already
+            raise _PeerClosed(got_bytes)
+
+
+async def _send(conn: UpstreamConnection, data: bytes) -> None:
+    try:
+        await conn.stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        raise _PeerClosed(False) from None
