@@ -80,10 +80,10 @@ class App:
             for listeners in bound
             for sock_addr in (listener.socket.getsockname() for listener in listeners)
         ]
-        with trio.CancelScope() as connections:
-            self._connections = connections
-            async with trio.open_nursery() as connection_nursery:
-                async with trio.open_nursery() as accept_nursery:
+        try:
+            with trio.CancelScope() as connections:
+                self._connections = connections
+                async with trio.open_nursery() as connection_nursery, trio.open_nursery() as accept_nursery:
                     self._accepting = accept_nursery.cancel_scope
                     for server, listeners in zip(self.servers, bound, strict=True):
                         accept_nursery.start_soon(
@@ -104,10 +104,14 @@ class App:
                             len(server.config.routes),
                         )
                     task_status.started(addresses)
-        if connections.cancelled_caught:
-            log.warning("grace period over: closed the connections still open")
-        for pool in self.pools.values():
-            pool.close_idle()
+            if connections.cancelled_caught:
+                log.warning("grace period over: closed the connections still open")
+        finally:
+            for pool in self.pools.values():
+                pool.close_idle()
+            for listeners in bound:
+                for listener in listeners:
+                    listener.socket.close()
 
     def drain(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, close idle

@@ -301,7 +301,12 @@ class ClientConnection:
         if length is not None and length > limit:
             # Before any 100 Continue: the client need not send the body at all.
             raise ClientError(413, "body_too_large", "request body too large")
-        body: Body = EMPTY_BODY if not chunked and not length else DownstreamBody(self, length, limit)
+        body: Body
+        if chunked or length:
+            body = DownstreamBody(self, length, limit)
+        else:
+            body = EMPTY_BODY
+            self.h11.next_event()  # the EndOfMessage of a bodiless request: no I/O needed
         request = Request(
             method=event.method,
             target=upstream_target,
