@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import signal
-from functools import partial
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import final
 
 import trio

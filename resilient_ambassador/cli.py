@@ -89,7 +89,7 @@ def setup_logging(level: str, fmt: str) -> None:
 
 
 def config_for_run(args: argparse.Namespace, resolver: SecretResolver) -> Config:
-    """The config from --config, with the flags applied on top; or from the flags alone."""
+    """The config from --config with the flags laid over it, or from the flags alone."""
     if args.config is None:
         if args.upstream is None:
             raise ConfigError("give --upstream URL (one-liner mode) or --config FILE")
@@ -98,21 +98,23 @@ def config_for_run(args: argparse.Namespace, resolver: SecretResolver) -> Config
     if args.listen is not None:
         if len(config.listeners) != 1:
             raise ConfigError("--listen can only override a config with exactly one listener")
-        host, port = parse_listen_address(args.listen)
+        try:
+            host, port = parse_listen_address(args.listen)
+        except ValueError as exc:
+            raise ConfigError(f"--listen {args.listen!r}: {exc}") from None
         listener = dataclasses.replace(config.listeners[0], host=host, port=port)
         config = dataclasses.replace(config, listeners=(listener,))
     if args.upstream is not None or args.header:
         if len(config.upstreams) != 1:
             raise ConfigError("--upstream/--header can only override a config with exactly one upstream")
         ((name, upstream),) = config.upstreams.items()
+        # Parsed exactly as in one-liner mode; a flag header replaces the file's header of that name.
         flags = config_from_flags(
             DEFAULT_LISTEN, args.upstream or str(upstream.url), args.header, resolver
         ).upstreams["default"]
-        merged = dataclasses.replace(
-            upstream,
-            url=flags.url if args.upstream else upstream.url,
-            headers=upstream.headers + flags.headers,
-        )
+        replaced = {header.lower() for header, _ in flags.headers}
+        kept = tuple(h for h in upstream.headers if h[0].lower() not in replaced)
+        merged = dataclasses.replace(upstream, url=flags.url, headers=kept + flags.headers)
         config = dataclasses.replace(config, upstreams={name: merged})
     return config
 

@@ -33,6 +33,7 @@ from resilient_ambassador.core.config import (
     UpstreamTimeouts,
     UpstreamURL,
 )
+from resilient_ambassador.core.headers import HOP_BY_HOP
 from resilient_ambassador.core.templates import Template, parse_template
 from resilient_ambassador.core.units import parse_duration, parse_size
 from resilient_ambassador.secrets import SecretError, SecretResolver
@@ -43,36 +44,34 @@ _N = TypeVar("_N", int, float)
 _NULL_TAG = "tag:yaml.org,2002:null"
 # Names become log fields and metric labels, so keep them plain.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_NAME_RULE = "letters, digits, '.', '_' and '-'"
+_LISTEN_FORM = "expected HOST:PORT like 127.0.0.1:8000 or [::1]:8000"
+_COUNT_RE = re.compile(r"[0-9]+")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9._-]+")
-_HOST_PORT_RE = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]+))(?::(?P<port>[0-9]{1,5}))?")
-_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 5.6.2
-_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")  # RFC 3986 3.3 path-absolute
+_HOST_PORT_RE = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]+))(?::(?P<port>[0-9]+))?")
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # field-name = token, RFC 9110 5.1
+_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*")  # path-absolute, RFC 3986 3.3
 _URL_FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f]")  # urlsplit silently drops tabs/newlines
 
-# Connection-specific (RFC 9110 7.6.1, plus the RFC 2616 13.5.1 list proxies still honour) or
-# framing (RFC 9112 6): set per hop by the proxy, never injected from config.
-_NOT_INJECTABLE = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "host",
-    }
-)
-# Policy sections later versions add; named here so a config written for a newer version
-# fails loudly instead of running without its retries or limits.
+# Hop-by-hop fields are per connection (RFC 9110 7.6.1) and Content-Length is framing (RFC 9112
+# 6.2): the proxy sets them itself. Host has its own setting, `host_header`.
+_NOT_INJECTABLE = frozenset(name.decode() for name in HOP_BY_HOP) | {"content-length"}
+# Policy sections later versions add. Rejected by name so that a config written for a newer
+# version fails loudly instead of running without its retries or limits.
 _RESERVED = ("retry", "breaker", "rate_limit", "cache")
 
 
 class ConfigError(Exception):
     """An invalid config, as `source:line: key.path: problem`. Never contains a secret value."""
+
+
+@contextmanager
+def _reported(where: str) -> Iterator[None]:
+    """Turn a parser's `ValueError` or `SecretError` into a `ConfigError` saying where."""
+    try:
+        yield
+    except (ValueError, SecretError) as e:
+        raise ConfigError(f"{where} {e}") from None
 
 
 @final
@@ -85,23 +84,19 @@ class _At:
     path: str
     node: yaml.Node
 
-    def error(self, message: str) -> ConfigError:
-        where = f" {self.path}:" if self.path else ""
-        return ConfigError(f"{self.source}:{self.line}:{where} {message}")
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}: {self.path}:" if self.path else f"{self.source}:{self.line}:"
 
-    @contextmanager
-    def reported(self) -> Iterator[None]:
-        """Turn a `ValueError` or `SecretError` from a parser into a `ConfigError` here."""
-        try:
-            yield
-        except (ValueError, SecretError) as e:
-            raise self.error(str(e)) from None
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.where} {message}")
 
     def key(self, key: str, line: int, node: yaml.Node) -> _At:
         return _At(self.source, line, f"{self.path}.{key}" if self.path else key, node)
 
     def entries(self) -> list[tuple[str, _At]]:
-        """A mapping's entries in order; duplicate keys are an error (PyYAML keeps the last)."""
+        """A mapping's entries in order, each at its key's line. PyYAML would silently keep
+        the last of two equal keys; we refuse them."""
         if not isinstance(self.node, yaml.MappingNode):
             raise self.error(f"expected a mapping, got {_kind(self.node)}")
         first_line: dict[str, int] = {}
@@ -134,7 +129,7 @@ class _At:
         return found
 
     def items(self) -> list[_At]:
-        """A non-empty list's items, each with its own line."""
+        """A non-empty list's items, each at its own line."""
         if not isinstance(self.node, yaml.SequenceNode):
             raise self.error(f"expected a list, got {_kind(self.node)}")
         if not self.node.value:
@@ -151,13 +146,13 @@ class _At:
 
     def parsed(self, parse: Callable[[str], _T], expected: str) -> _T:
         text = self.text(expected)
-        with self.reported():
+        with _reported(self.where):
             return parse(text)
 
     def name(self) -> str:
         name = self.text()
         if not _NAME_RE.fullmatch(name):
-            raise self.error("expected a name of letters, digits, '.', '_' and '-'")
+            raise self.error(f"expected a name of {_NAME_RULE}")
         return name
 
     def choice(self, *choices: str) -> str:
@@ -184,15 +179,25 @@ class _At:
             raise self.error("expected a path starting with /")
         return prefix
 
+    def route_host(self) -> str:
+        host = self.text()
+        if not _HOSTNAME_RE.fullmatch(host):
+            raise self.error("expected a host name without a port")
+        return host.lower()  # Host is matched case-insensitively (RFC 9110 4.2.3)
+
+    def authority(self) -> str:
+        return self.parsed(_authority, "a host, optionally with :PORT")
+
     def _positive(self, value: _N) -> _N:
         if value <= 0:
             raise self.error("must be greater than 0")
         return value
 
 
-_Reader = Callable[[_At], Any]
+_Schema = Mapping[str, tuple[str, Callable[[_At], Any]]]
+
 # YAML key -> (dataclass field, reader). Keys carry no unit; fields do (`_s`, `_bytes`).
-_LIMITS: Mapping[str, tuple[str, _Reader]] = {
+_LIMITS: _Schema = {
     "max_request_line": ("max_request_line_bytes", _At.size),
     "max_header_size": ("max_header_bytes", _At.size),
     "max_header_count": ("max_header_count", _At.count),
@@ -203,33 +208,45 @@ _LIMITS: Mapping[str, tuple[str, _Reader]] = {
     "max_requests_per_connection": ("max_requests_per_connection", _At.count),
     "max_connections": ("max_connections", _At.count),
 }
-_TIMEOUTS: Mapping[str, tuple[str, _Reader]] = {
+_TIMEOUTS: _Schema = {
     "connect": ("connect_s", _At.duration),
     "response": ("response_s", _At.duration),
     "read_idle": ("read_idle_s", _At.duration),
 }
-_POOL: Mapping[str, tuple[str, _Reader]] = {
+_POOL: _Schema = {
     "max_connections": ("max_connections", _At.count),
     "idle_timeout": ("idle_timeout_s", _At.duration),
     "acquire_timeout": ("acquire_timeout_s", _At.duration),
 }
-_TLS: Mapping[str, tuple[str, _Reader]] = {
+_TLS: _Schema = {
     "verify": ("verify", _At.boolean),
     "ca_file": ("ca_file", _At.text),
     "cert_file": ("cert_file", _At.text),
     "key_file": ("key_file", _At.text),
     "server_name": ("server_name", _At.text),
+    # The raw text, so an unquoted `min_version: 1.2` works although YAML reads a float.
     "min_version": ("min_version", lambda at: at.choice("1.2", "1.3")),
 }
-_DRAIN: Mapping[str, tuple[str, _Reader]] = {
-    "grace_period": ("grace_period_s", _At.duration),
+_DRAIN: _Schema = {"grace_period": ("grace_period_s", _At.duration)}
+_MATCH: _Schema = {"prefix": ("prefix", _At.path_prefix), "host": ("host", _At.route_host)}
+_ROUTE: _Schema = {
+    "rewrite_prefix": ("rewrite_prefix", _At.path_prefix),
+    "max_request_body": ("max_request_body_bytes", _At.size),
+}
+_UPSTREAM: _Schema = {
+    "host_header": ("host_header", _At.authority),
+    "timeouts": ("timeouts", lambda at: UpstreamTimeouts(**_section(at, _TIMEOUTS))),
+    "pool": ("pool", lambda at: PoolConfig(**_section(at, _POOL))),
 }
 
 
-def _section(at: _At, schema: Mapping[str, tuple[str, _Reader]]) -> dict[str, Any]:
-    """Keyword arguments for a dataclass whose fields are all optional scalars."""
-    found = at.fields(tuple(schema))
+def _read(found: dict[str, _At], schema: _Schema) -> dict[str, Any]:
     return {field: read(found[key]) for key, (field, read) in schema.items() if key in found}
+
+
+def _section(at: _At | None, schema: _Schema) -> dict[str, Any]:
+    """Keyword arguments for a dataclass from a mapping of optional keys; None: all defaults."""
+    return {} if at is None else _read(at.fields(tuple(schema)), schema)
 
 
 def load_config(path: str | os.PathLike[str], resolver: SecretResolver | None = None) -> Config:
@@ -245,60 +262,62 @@ def load_config(path: str | os.PathLike[str], resolver: SecretResolver | None = 
     return load_config_text(text, source, resolver)
 
 
-def load_config_text(
-    text: str, source: str = "<string>", resolver: SecretResolver | None = None
-) -> Config:
-    """Validate YAML config text; `source` names it in error messages."""
+def load_config_text(text: str, source: str = "<string>", resolver: SecretResolver | None = None) -> Config:
+    """Validate YAML config text; `source` names it in messages."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         # `problem` only: str(e) quotes the offending line, which may hold a literal secret.
         mark = e.problem_mark or e.context_mark
-        raise ConfigError(f"{source}:{mark.line + 1 if mark else 1}: invalid YAML: {e.problem}") from None
+        line = mark.line + 1 if mark else 1
+        raise ConfigError(f"{source}:{line}: invalid YAML: {e.problem}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{source}: invalid YAML: {e}") from None
     if node is None:
         raise ConfigError(f"{source}:1: the config is empty")
-    return _Builder(resolver or SecretResolver()).config(_At(source, node.start_mark.line + 1, "", node))
+    root = _At(source, node.start_mark.line + 1, "", node)
+    return _Builder(resolver or SecretResolver()).config(root)
 
 
 def config_from_flags(
     listen: str, upstream: str, headers: list[str], resolver: SecretResolver | None = None
 ) -> Config:
-    """The one-liner form: one listener "main" forwarding everything to upstream "default"."""
+    """The one-liner form: listener "main" forwards everything to upstream "default"."""
     resolver = resolver or SecretResolver()
-    with _flag(f"--listen {listen!r}"):
+    with _reported(f"--listen {listen!r}:"):
         host, port = parse_listen_address(listen)
-    with _flag("--upstream"):  # the value is not echoed: it may carry user:password@
+    with _reported("--upstream:"):  # the URL is not echoed: it may carry user:password@
         url = parse_upstream_url(upstream)
-    injected: list[tuple[str, Template]] = []
+    injected: dict[str, tuple[str, Template]] = {}
     for flag in headers:
         name, colon, value = flag.partition(":")
         if not colon:
             raise ConfigError("--header: expected 'Name: value'")
-        with _flag(f"--header '{name}: ...'"):
-            injected.append(_injected_header(name, value.strip(), resolver))
-            if name.lower() in (n.lower() for n, _ in injected[:-1]):
+        with _reported(f"--header '{name}: ...':"):
+            _check_header_name(name)
+            if name.lower() in injected:
                 raise ValueError("the header is given twice")
-    route = RouteConfig(upstream="default", name="main-route-0")
+            injected[name.lower()] = (name, _checked_template(value.strip(), resolver))
     return Config(
-        listeners=(ListenerConfig(name="main", host=host, port=port, routes=(route,)),),
-        upstreams={"default": UpstreamConfig(name="default", url=url, headers=tuple(injected))},
+        listeners=(
+            ListenerConfig("main", host, port, routes=(RouteConfig("default", name="main-route-0"),)),
+        ),
+        upstreams={"default": UpstreamConfig("default", url, headers=tuple(injected.values()))},
     )
 
 
 def parse_listen_address(text: str) -> tuple[str, int]:
-    """`(host, port)` from `127.0.0.1:8000`, `localhost:8000` or `[::1]:8000`; port 0 asks
-    the OS for a free port (tests use it)."""
-    host, port = _split_host_port(text)
+    """`(host, port)` from `127.0.0.1:8000`, `localhost:8000` or `[::1]:8000`; port 0 asks the
+    OS for a free port (tests use it)."""
+    host, port = _split_host_port(text, _LISTEN_FORM)
     if port is None:
-        raise ValueError("expected HOST:PORT like 127.0.0.1:8000 or [::1]:8000")
+        raise ValueError(_LISTEN_FORM)
     return host, port
 
 
 def parse_upstream_url(text: str) -> UpstreamURL:
-    """An `http://` or `https://` upstream URL; its path becomes the base path. Messages
-    never echo the URL, which may carry credentials."""
+    """An `http://` or `https://` URL; its path becomes the base path. Messages never echo
+    the URL: it may carry credentials."""
     if _URL_FORBIDDEN_RE.search(text):
         raise ValueError("the URL contains whitespace or control characters")
     parts = urlsplit(text)
@@ -312,36 +331,181 @@ def parse_upstream_url(text: str) -> UpstreamURL:
         raise ValueError("a query string in the URL is not supported; use the query mapping")
     if "#" in text:
         raise ValueError("a fragment (#...) in the URL is not supported")
-    host, port = _split_host_port(parts.netloc)
+    if parts.path and not _PATH_RE.fullmatch(parts.path):
+        raise ValueError("the URL path has characters that must be percent-encoded")
+    host, port = _split_host_port(parts.netloc, "invalid host or port in the URL")
     if port == 0:
         raise ValueError("port must be 1..65535")
     scheme: Literal["http", "https"] = "https" if parts.scheme == "https" else "http"
-    default_port = 443 if scheme == "https" else 80
-    return UpstreamURL(scheme, host.lower(), port or default_port, parts.path.rstrip("/"))
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    return UpstreamURL(scheme, host.lower(), port, parts.path.rstrip("/"))
 
 
 @final
 class _Builder:
-    """Walks the YAML tree top-down; holds the resolver that checks secrets as it goes."""
+    """Walks the YAML tree of one load: checks secrets with the resolver as it goes and
+    remembers names and addresses to catch duplicates."""
 
     def __init__(self, resolver: SecretResolver) -> None:
         self._resolver = resolver
+        self._upstreams: dict[str, UpstreamConfig] = {}
+        self._addresses: dict[tuple[str, int], _At] = {}
+        self._listener_names: dict[str, _At] = {}
+        self._route_names: dict[str, _At] = {}
 
     def config(self, root: _At) -> Config:
         found = root.fields(("listeners", "upstreams", "drain"), ("listeners", "upstreams"))
         # Upstreams first, so routes can be checked against them.
-        upstreams = {
-            at.name(): self._upstream(at.path.rpartition(".")[2], at)
-            for _, at in found["upstreams"].entries()
-        }
-        listeners: list[ListenerConfig] = []
-        bound: dict[tuple[str, int], _At] = {}
-        for index, at in enumerate(found["listeners"].items()):
-            listener = self._listener(at, index, upstreams)
-            address = (listener.host.lower(), listener.port)
-            if listener.port and address in bound:  # port 0: each bind gets its own port
-                raise at.error(f"{at.path}: same address as {bound[address].path} (line {bound[address].line})")
-            bound[address] = at
-            listeners.append(listener)
-        drain = DrainConfig(**_section(found["drain"], _DRAIN)) if "drain" in found else DrainConfig()
-        return Config(tuple(listeners), upstreams, drain, root.source)
+        for name, at in found["upstreams"].entries():
+            if not _NAME_RE.fullmatch(name):
+                raise at.error(f"an upstream name is made of {_NAME_RULE}")
+            self._upstreams[name] = self._upstream(name, at)
+        listeners = tuple(self._listener(at, i) for i, at in enumerate(found["listeners"].items()))
+        drain = DrainConfig(**_section(found.get("drain"), _DRAIN))
+        return Config(listeners, self._upstreams, drain, root.source)
+
+    def _listener(self, at: _At, index: int) -> ListenerConfig:
+        found = at.fields(("name", "listen", "protocol", "limits", "routes"), ("listen", "routes"))
+        name = _claim(self._listener_names, found.get("name"), at, f"listener-{index}")
+        listen = found["listen"]
+        host, port = listen.parsed(parse_listen_address, "HOST:PORT")
+        # Port 0 asks the OS for a free port, so two such listeners never clash.
+        first = self._addresses.setdefault((host.lower(), port), listen)
+        if port and first is not listen:
+            raise listen.error(f"address already used by {first.path} (line {first.line})")
+        protocol = found.get("protocol")
+        if protocol is not None and (value := protocol.text()) != "http":
+            raise protocol.error("tcp is not supported yet" if value == "tcp" else "expected http")
+        routes = tuple(
+            self._route(route, f"{name}-route-{i}") for i, route in enumerate(found["routes"].items())
+        )
+        limits = ClientLimits(**_section(found.get("limits"), _LIMITS))
+        return ListenerConfig(name, host, port, "http", routes, limits)
+
+    def _route(self, at: _At, default_name: str) -> RouteConfig:
+        found = at.fields(
+            ("name", "match", "rewrite_prefix", "upstream", "max_request_body"),
+            ("upstream",),
+            policies=True,
+        )
+        upstream = found["upstream"].text()
+        if upstream not in self._upstreams:
+            defined = ", ".join(self._upstreams) or "none"
+            raise found["upstream"].error(f"unknown upstream {upstream!r} (defined: {defined})")
+        return RouteConfig(
+            upstream,
+            _claim(self._route_names, found.get("name"), at, default_name),
+            **_section(found.get("match"), _MATCH),
+            **_read(found, _ROUTE),
+        )
+
+    def _upstream(self, name: str, at: _At) -> UpstreamConfig:
+        found = at.fields(
+            ("url", "host_header", "tls", "timeouts", "pool", "headers", "query"),
+            ("url",),
+            policies=True,
+        )
+        url = found["url"].parsed(parse_upstream_url, "a URL like https://api.example.com")
+        tls_at = found.get("tls")
+        if tls_at is not None and not url.uses_tls:
+            raise tls_at.error("tls is set but the URL is http:// (use https://)")
+        tls = TLSConfig(**_section(tls_at, _TLS))
+        if tls_at is not None and (tls.cert_file is None) != (tls.key_file is None):
+            raise tls_at.error("cert_file and key_file must be set together")
+        return UpstreamConfig(
+            name,
+            url,
+            tls,
+            headers=self._headers(found.get("headers")),
+            query=self._query(found.get("query")),
+            **_read(found, _UPSTREAM),
+        )
+
+    def _headers(self, at: _At | None) -> tuple[tuple[str, Template], ...]:
+        out: list[tuple[str, Template]] = []
+        first: dict[str, _At] = {}
+        for name, value in at.entries() if at is not None else ():
+            with _reported(value.where):
+                _check_header_name(name)
+            # Field names are case-insensitive (RFC 9110 5.1): `Authorization` and
+            # `authorization` would both be sent.
+            if (prev := first.setdefault(name.lower(), value)) is not value:
+                raise value.error(f"same header as {prev.path} (line {prev.line})")
+            out.append((name, self._template(value)))
+        return tuple(out)
+
+    def _query(self, at: _At | None) -> tuple[tuple[str, Template], ...]:
+        out: list[tuple[str, Template]] = []
+        for name, value in at.entries() if at is not None else ():
+            if not name:
+                raise value.error("empty query parameter name")
+            out.append((name, self._template(value)))
+        return tuple(out)
+
+    def _template(self, at: _At) -> Template:
+        text = at.text()
+        with _reported(at.where):
+            return _checked_template(text, self._resolver)
+
+
+def _claim(names: dict[str, _At], name_at: _At | None, item: _At, default: str) -> str:
+    """The item's name (given or `default`), refused if an earlier item has it."""
+    at = name_at or item
+    name = name_at.name() if name_at is not None else default
+    if (first := names.setdefault(name, at)) is not at:
+        raise at.error(f"name {name!r} is already used by {first.path} (line {first.line})")
+    return name
+
+
+def _checked_template(text: str, resolver: SecretResolver) -> Template:
+    """Parse a template and resolve it once, so a missing variable or file fails the load."""
+    template = parse_template(text)
+    resolver.check(template)
+    return template
+
+
+def _check_header_name(name: str) -> None:
+    if not _TOKEN_RE.fullmatch(name):
+        raise ValueError(f"{name!r} is not a valid header name")
+    if name.lower() == "host":
+        raise ValueError("Host cannot be injected; use the upstream's host_header")
+    if name.lower() in _NOT_INJECTABLE:
+        raise ValueError(f"{name} is a hop-by-hop or framing header; the proxy manages it")
+
+
+def _split_host_port(text: str, expected: str) -> tuple[str, int | None]:
+    m = _HOST_PORT_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(expected)
+    port = None if m["port"] is None else int(m["port"])
+    if port is not None and port > 65535:
+        raise ValueError("port must be at most 65535")
+    if m["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(m["v6"])
+        except ValueError:
+            raise ValueError(expected) from None
+        return m["v6"], port
+    if not _HOSTNAME_RE.fullmatch(m["host"]):
+        raise ValueError(expected)
+    return m["host"], port
+
+
+def _authority(text: str) -> str:
+    _split_host_port(text, "expected a host, optionally with :PORT")
+    return text
+
+
+def _parse_count(text: str) -> int:
+    if not _COUNT_RE.fullmatch(text):
+        raise ValueError("expected a whole number")
+    return int(text)
+
+
+def _kind(node: yaml.Node) -> str:
+    if isinstance(node, yaml.MappingNode):
+        return "a mapping"
+    if isinstance(node, yaml.SequenceNode):
+        return "a list"
+    return "nothing (null)" if node.tag == _NULL_TAG else "a single value"

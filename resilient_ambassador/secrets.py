@@ -91,9 +91,7 @@ class SecretResolver:
         cached = self._files.get(path)
         if cached is None:
             value, stamp = _read(path)
-            self._files[path] = _CachedFile(
-                value, stamp, self._clock() + self._recheck_interval_s
-            )
+            self._files[path] = _CachedFile(value, stamp, self._clock() + self._recheck_interval_s)
             self._remember(value)
             return value
         now = self._clock()

@@ -74,8 +74,7 @@ def _reference(body: str) -> TemplatePart:
     if colon:
         if kind != "file":
             raise ValueError(
-                f"unknown reference kind {kind!r} in ${{{body}}}"
-                " (expected ${NAME} or ${file:/path})"
+                f"unknown reference kind {kind!r} in ${{{body}}} (expected ${{NAME}} or ${{file:/path}})"
             )
         if not arg.startswith("/"):
             # A relative path would depend on the daemon's working directory.
@@ -84,7 +83,5 @@ def _reference(body: str) -> TemplatePart:
     if not body:
         raise ValueError("empty variable name in ${}")
     if not _NAME_RE.fullmatch(body):
-        raise ValueError(
-            f"invalid variable name {body!r} in ${{{body}}} (expected letters, digits and _)"
-        )
+        raise ValueError(f"invalid variable name {body!r} in ${{{body}}} (expected letters, digits and _)")
     return TemplatePart("env", body)

@@ -168,15 +168,14 @@ class DownstreamBody:
                 raise ClientError(exc.error_status_hint, "bad_request", f"bad request body: {exc}") from None
             if event is h11.NEED_DATA:
                 data = await client.receive(self._deadline, "request body timeout")
-                h.receive_data(data)
+                h.receive_data(bytes(data))
                 continue
-            event_type = type(event)
-            if event_type is h11.Data:
+            if isinstance(event, h11.Data):
                 self._received += len(event.data)
                 if self._received > self._limit:
                     raise ClientError(413, "body_too_large", "request body too large")
                 return bytes(event.data)
-            if event_type is h11.EndOfMessage:
+            if isinstance(event, h11.EndOfMessage):
                 self.done = True
                 raise StopAsyncIteration
             raise ClientGone()

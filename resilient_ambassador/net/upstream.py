@@ -270,12 +270,11 @@ class UpstreamBody:
                     raise UpstreamProtocolError(
                         "upstream reset the connection mid-body", upstream=self._upstream
                     ) from None
-                h.receive_data(data)
+                h.receive_data(bytes(data))
                 continue
-            event_type = type(event)
-            if event_type is h11.Data:
+            if isinstance(event, h11.Data):
                 return bytes(event.data)
-            if event_type is h11.EndOfMessage:
+            if isinstance(event, h11.EndOfMessage):
                 self.done = True
                 raise StopAsyncIteration
             raise UpstreamProtocolError("upstream closed the connection mid-body", upstream=self._upstream)
@@ -406,7 +405,7 @@ class UpstreamClient:
                 if not data:
                     raise _PeerClosed(got_bytes)
                 got_bytes = True
-                h.receive_data(data)
+                h.receive_data(bytes(data))
                 continue
             if type(event) is h11.Response:
                 return event

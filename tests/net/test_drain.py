@@ -33,7 +33,7 @@ async def test_drain_finishes_in_flight_and_closes_idle(nursery: trio.Nursery) -
 
             assert await idle.read_until_eof() == b""  # the idle keep-alive is closed at once
             await idle.close()
-            with pytest.raises(OSError):
+            with pytest.raises(OSError, match="all attempts to connect"):
                 await trio.open_tcp_stream("127.0.0.1", daemon.port)
         # serve() has returned: the daemon nursery is done.
 

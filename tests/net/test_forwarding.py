@@ -132,7 +132,12 @@ async def test_body_over_route_limit_is_413(nursery: trio.Nursery) -> None:
     chunked = await raw_exchange(
         daemon.port,
         b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-        + b"3e8\r\n" + b"x" * 1000 + b"\r\n" + b"10\r\n" + b"y" * 16 + b"\r\n0\r\n\r\n",
+        + b"3e8\r\n"
+        + b"x" * 1000
+        + b"\r\n"
+        + b"10\r\n"
+        + b"y" * 16
+        + b"\r\n0\r\n\r\n",
     )
 
     assert declared.startswith(b"HTTP/1.1 413 ")

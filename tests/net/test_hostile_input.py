@@ -14,7 +14,9 @@ from tests.support.upstream import FakeUpstream, start_fake_upstream
 HEAD = b"POST / HTTP/1.1\r\nHost: a\r\n"
 
 
-async def _start(nursery: trio.Nursery, limits: ClientLimits | None = None) -> tuple[FakeUpstream, RunningDaemon]:
+async def _start(
+    nursery: trio.Nursery, limits: ClientLimits | None = None
+) -> tuple[FakeUpstream, RunningDaemon]:
     upstream = await start_fake_upstream(nursery)
     daemon = await start_daemon(nursery, simple_config(upstream_config(upstream.url()), limits=limits))
     return upstream, daemon
@@ -74,10 +76,15 @@ async def test_framing_attacks_are_rejected_and_never_forwarded(
 
 
 LIMITS = {
-    "101-headers": (b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n", 431),
+    "101-headers": (
+        b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(101)) + b"\r\n",
+        431,
+    ),
     "9KiB-header": (b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * 9 * 1024 + b"\r\n\r\n", 200),
     "33KiB-headers-one-write": (
-        b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1100) for i in range(30)) + b"\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\n"
+        + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 1100) for i in range(30))
+        + b"\r\n",
         431,
     ),
     "9KiB-request-line": (b"GET /" + b"a" * 9 * 1024 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),

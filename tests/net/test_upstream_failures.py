@@ -68,7 +68,9 @@ async def test_slow_upstream_is_504_and_connection_not_reused(nursery: trio.Nurs
         b"HTTP/1.1 2OO OK\r\n\r\n",
         b"\x00\x01\x02garbage\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX-Bad: a\rb\r\nContent-Length: 0\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\n" + b"".join(b"X-%d: v\r\n" % i for i in range(200)) + b"Content-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n"
+        + b"".join(b"X-%d: v\r\n" % i for i in range(200))
+        + b"Content-Length: 0\r\n\r\n",
     ],
     ids=["bad-status", "binary", "cr-in-value", "200-headers"],
 )
@@ -137,7 +139,7 @@ async def test_https_upstream_verified_with_sni(nursery: trio.Nursery, tmp_path:
     tls = make_tls_material(tmp_path)
     names: list[str | None] = []
     context = tls.server_context()
-    context.sni_callback = lambda _sock, name, _ctx: names.append(name)  # type: ignore[assignment,func-returns-value]
+    context.sni_callback = lambda _sock, name, _ctx: names.append(name)
     upstream = await start_fake_upstream(nursery, tls=context, default=echo)
     config = simple_config(upstream_config(upstream.url(), tls=TLSConfig(ca_file=str(tls.ca_file))))
     daemon = await start_daemon(nursery, config)

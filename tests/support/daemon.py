@@ -1,0 +1,69 @@
+"""Start the real daemon (`App`) in-process on ephemeral loopback ports for end-to-end tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, final
+
+import trio
+
+from resilient_ambassador.app import App
+from resilient_ambassador.config_loader import parse_upstream_url
+from resilient_ambassador.core.config import (
+    ClientLimits,
+    Config,
+    DrainConfig,
+    ListenerConfig,
+    RouteConfig,
+    TLSConfig,
+    UpstreamConfig,
+)
+from resilient_ambassador.core.templates import Template
+from resilient_ambassador.secrets import SecretResolver
+
+
+def upstream_config(url: str, name: str = "up", **fields: Any) -> UpstreamConfig:
+    """An UpstreamConfig for a test upstream URL such as `FakeUpstream.url()`."""
+    return UpstreamConfig(name=name, url=parse_upstream_url(url), **fields)
+
+
+def simple_config(
+    upstream: UpstreamConfig,
+    *,
+    routes: Sequence[RouteConfig] | None = None,
+    limits: ClientLimits | None = None,
+    extra_upstreams: Sequence[UpstreamConfig] = (),
+    grace_period_s: float = 5.0,
+) -> Config:
+    return Config(
+        listeners=(
+            ListenerConfig(
+                name="main",
+                host="127.0.0.1",
+                port=0,
+                routes=tuple(routes) if routes is not None else (RouteConfig(upstream=upstream.name),),
+                limits=limits or ClientLimits(),
+            ),
+        ),
+        upstreams={u.name: u for u in (upstream, *extra_upstreams)},
+        drain=DrainConfig(grace_period_s=grace_period_s),
+    )
+
+
+@final
+@dataclasses.dataclass
+class RunningDaemon:
+    app: App
+    port: int
+
+
+async def start_daemon(
+    nursery: trio.Nursery, config: Config, secrets: SecretResolver | None = None
+) -> RunningDaemon:
+    app = App(config, secrets)
+    addresses: list[tuple[str, int]] = await nursery.start(app.serve)
+    return RunningDaemon(app=app, port=addresses[0][1])
+
+
+__all__ = ["TLSConfig", "Template", "simple_config", "start_daemon", "upstream_config"]
