@@ -58,23 +58,33 @@ class App:
         self._connections: trio.CancelScope | None = None
         self.draining = False
 
-    async def serve(
-        self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Bind every listener (all or nothing), report the bound addresses, serve until
-        `drain()`; then wait for in-flight requests up to the grace period."""
+    async def bind(self) -> list[list[trio.SocketListener]]:
+        """Bind every listener, all or nothing (a port in use fails the whole start)."""
         bound: list[list[trio.SocketListener]] = []
         try:
             for server in self.servers:
-                listeners = await trio.open_tcp_listeners(
-                    server.config.port, host=server.config.host, backlog=LISTEN_BACKLOG
+                bound.append(
+                    await trio.open_tcp_listeners(
+                        server.config.port, host=server.config.host, backlog=LISTEN_BACKLOG
+                    )
                 )
-                bound.append(listeners)
         except BaseException:
             for listeners in bound:
                 for listener in listeners:
-                    await listener.aclose()
+                    listener.socket.close()
             raise
+        return bound
+
+    async def serve(
+        self,
+        bound: list[list[trio.SocketListener]] | None = None,
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve on the bound listeners (binding them if not given), report the addresses,
+        serve until `drain()`; then wait for in-flight requests up to the grace period."""
+        if bound is None:
+            bound = await self.bind()
         addresses = [
             (str(sock_addr[0]), int(sock_addr[1]))
             for listeners in bound
@@ -146,10 +156,11 @@ async def run(config: Config, secrets: SecretResolver | None = None) -> None:
     handlers also makes SIGTERM work when we are PID 1 in a container, where the kernel
     ignores signals that have no handler."""
     app = App(config, secrets)
+    bound = await app.bind()  # outside the nursery: a bind error surfaces as a plain OSError
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_drain_on_signals, app, received)
-            await app.serve()
+            await app.serve(bound)
             nursery.cancel_scope.cancel()
 
 

@@ -1,0 +1,137 @@
+"""The command line as users run it: a real `python -m resilient_ambassador` process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from resilient_ambassador import __version__
+from tests.support.client import http_request
+from tests.support.upstream import echo, parse_echo, start_fake_upstream
+
+CANARY = "canary-credential-5d1e0b"
+CLI = [sys.executable, "-m", "resilient_ambassador"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})}
+    )
+
+
+async def _wait_listening(port: int, process: trio.Process) -> None:
+    with trio.fail_after(15):
+        while True:
+            assert process.returncode is None, "daemon exited early"
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return
+
+
+def test_version() -> None:
+    result = _run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"resilient-ambassador {__version__}"
+
+
+def test_check_config_ok_and_broken(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "listeners:\n  - listen: 127.0.0.1:8000\n    routes:\n      - upstream: api\n"
+        "upstreams:\n  api:\n    url: https://api.example.com/v1\n"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "listeners:\n  - listen: 127.0.0.1:8000\n    routes:\n      - upstream: api\n"
+        "upstreams:\n  api:\n    url: https://api.example.com\n    timeouts:\n      conect: 2s\n"
+    )
+
+    ok = _run("check-config", str(good))
+    broken = _run("check-config", str(bad))
+
+    assert ok.returncode == 0, ok.stderr
+    assert broken.returncode == 2
+    assert f"{bad}:9: upstreams.api.timeouts.conect: unknown key" in broken.stderr
+
+
+def test_missing_secret_is_a_usage_error() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NOT_SET_ANYWHERE"}
+    result = subprocess.run(
+        [*CLI, "run", "--upstream", "http://127.0.0.1:9", "--header", "X-Api-Key: ${NOT_SET_ANYWHERE}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+    )
+    assert result.returncode == 2
+    assert "NOT_SET_ANYWHERE" in result.stderr
+
+
+def test_port_in_use_is_a_runtime_failure() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run("run", "--listen", f"127.0.0.1:{port}", "--upstream", "http://127.0.0.1:9")
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr
+
+
+async def test_one_liner_injects_secret_and_drains_on_sigterm(nursery: trio.Nursery, tmp_path: Path) -> None:
+    upstream = await start_fake_upstream(nursery, default=echo)
+    secret_file = tmp_path / "api-key"
+    secret_file.write_text(CANARY + "\n")
+    port = _free_port()
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("wb") as stderr:
+        process = await trio.lowlevel.open_process(
+            [
+                *CLI,
+                "run",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--upstream",
+                upstream.url(),
+                "--header",
+                f"X-Api-Key: ${{file:{secret_file}}}",
+                "--log-level",
+                "debug",
+            ],
+            stderr=stderr,
+        )
+        try:
+            await _wait_listening(port, process)
+            response = await http_request(port, "GET", "/hello", headers=[("X-Api-Key", "app-guess")])
+            cmdline = await trio.Path(f"/proc/{process.pid}/cmdline").read_bytes()
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                returncode = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    assert response.status == 200
+    seen = parse_echo(response.body)
+    assert [v for k, v in seen["headers"] if k == "x-api-key"] == [CANARY]
+    assert CANARY.encode() not in cmdline
+    assert returncode == 0
+    log = stderr_path.read_text()
+    assert "SIGTERM received" in log
+    assert CANARY not in log
