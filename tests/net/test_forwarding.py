@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import trio
 
 from resilient_ambassador.core.config import ClientLimits, RouteConfig
-from resilient_ambassador.core.templates import Template, TemplatePart
+from resilient_ambassador.core.templates import Template, TemplatePart, parse_template
 from resilient_ambassador.secrets import SecretResolver
 from tests.support.client import HttpClient, RawConnection, http_request, parse_responses, raw_exchange
 from tests.support.daemon import simple_config, start_daemon, upstream_config
@@ -282,3 +284,31 @@ async def test_client_disconnect_mid_response_discards_upstream_connection(nurse
     await upstream.wait_until(lambda: all(c.closed for c in upstream.connections))
     assert (await http_request(daemon.port, "GET", "/")).status == 200
     assert upstream.connections_accepted == 2
+
+
+async def test_rotated_secret_file_is_used_without_restart(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Kubernetes rotates a mounted Secret by swapping the file: the next request after the
+    recheck interval carries the new value."""
+    upstream = await start_fake_upstream(nursery, default=echo)
+    key_file = tmp_path / "api-key"
+    key_file.write_text("old-key\n")
+    now = [0.0]
+    secrets = SecretResolver(clock=lambda: now[0], recheck_interval_s=1.0)
+    template = parse_template(f"Bearer ${{file:{key_file}}}")
+    secrets.check(template)
+    config = simple_config(upstream_config(upstream.url(), headers=(("Authorization", template),)))
+    daemon = await start_daemon(nursery, config, secrets)
+
+    await http_request(daemon.port, "GET", "/")
+    replacement = tmp_path / "api-key.new"
+    replacement.write_text("new-key\n")
+    replacement.replace(key_file)
+    await http_request(daemon.port, "GET", "/")  # within the recheck interval: old value
+    now[0] = 1.5
+    await http_request(daemon.port, "GET", "/")
+
+    assert [r.header("authorization") for r in upstream.received] == [
+        "Bearer old-key",
+        "Bearer old-key",
+        "Bearer new-key",
+    ]
