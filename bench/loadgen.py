@@ -42,8 +42,9 @@ CONNECT_TIMEOUT_S = 5.0
 ERROR_KINDS = ("connect", "eof", "reset", "timeout", "status", "framing")
 
 GeneratorName = Literal["builtin", "wrk"]
-# What one load process sends back: requests completed in the window, their latencies, errors.
-WorkerResult = tuple[int, "array[float]", dict[str, int]]
+# What one load process sends back: requests completed in the window, their latencies, errors,
+# and how many times a `Connection: close` from the server made it reconnect.
+WorkerResult = tuple[int, "array[float]", dict[str, int], int]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class LoadResult:
     latencies_s: list[float] | None  # exact samples (built-in); None when only percentiles are known
     percentiles_ms: dict[str, float]  # keys "p50", "p90", "p99" (and "max" when known)
     errors: dict[str, int] = field(default_factory=dict)
+    reconnects: int | None = None  # after `Connection: close`; wrk does them but does not count them
 
     @property
     def requests_per_s(self) -> float:
@@ -194,7 +196,7 @@ def _run_wrk(
 
 @final
 class _Conn:
-    __slots__ = ("head", "in_flight", "remaining", "sock", "started", "status_ok")
+    __slots__ = ("close_after", "head", "in_flight", "remaining", "sock", "started", "status_ok")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -203,6 +205,7 @@ class _Conn:
         self.in_flight = False
         self.started = 0.0
         self.status_ok = True
+        self.close_after = False  # the server said `Connection: close` (RFC 9112 section 9.6)
 
 
 def _connect(host: str, port: int) -> socket.socket:
@@ -212,8 +215,8 @@ def _connect(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _parse_head(head: bytes) -> tuple[bool, int] | None:
-    """(status is 2xx, content-length), or None when the response is not framed by length."""
+def _parse_head(head: bytes) -> tuple[bool, int, bool] | None:
+    """(status is 2xx, content-length, connection: close), or None when not framed by length."""
     status_ok = head[9:10] == b"2"  # "HTTP/1.1 2xx"
     lowered = head.lower()
     at = lowered.find(b"\r\ncontent-length:")
@@ -221,8 +224,10 @@ def _parse_head(head: bytes) -> tuple[bool, int] | None:
         return None
     start = at + len(b"\r\ncontent-length:")
     stop = lowered.find(b"\r\n", start)
+    # A substring test is enough here: the servers under test send `connection: close` alone.
+    close = b"\r\nconnection: close" in lowered
     try:
-        return status_ok, int(lowered[start : stop if stop >= 0 else len(lowered)])
+        return status_ok, int(lowered[start : stop if stop >= 0 else len(lowered)]), close
     except ValueError:
         return None
 
@@ -261,6 +266,7 @@ def _worker_run(spec: LoadSpec, connections: int, control: Connection) -> Worker
     measure_from = start_at + spec.warmup_s
     measure_until = measure_from + spec.duration_s
     completed = 0
+    reconnects = 0
     monotonic = time.monotonic
 
     def send_request(conn: _Conn, now: float) -> bool:
@@ -333,7 +339,7 @@ def _worker_run(spec: LoadSpec, connections: int, control: Connection) -> Worker
                 if parsed is None:
                     replace(conn, "framing", monotonic())
                     continue
-                conn.status_ok, length = parsed
+                conn.status_ok, length, conn.close_after = parsed
                 conn.head = b""
                 conn.remaining = length - (len(head) - end - 4)
             else:
@@ -350,7 +356,10 @@ def _worker_run(spec: LoadSpec, connections: int, control: Connection) -> Worker
             if measure_from <= done < measure_until:
                 completed += 1
                 latencies.append(done - conn.started)
-            if done < measure_until and not send_request(conn, done):
+            if conn.close_after:  # not an error: the server closes after this response
+                reconnects += 1
+                replace(conn, "eof", done)
+            elif done < measure_until and not send_request(conn, done):
                 replace(conn, "reset", done)
 
     # Requests still in flight at the end are neither counted nor errors, unless overdue.
@@ -360,7 +369,7 @@ def _worker_run(spec: LoadSpec, connections: int, control: Connection) -> Worker
             errors["timeout"] += 1
         conn.sock.close()
     selector.close()
-    return completed, latencies, errors
+    return completed, latencies, errors, reconnects
 
 
 def _run_builtin(
@@ -393,13 +402,15 @@ def _run_builtin(
             on_measure_end()
         requests = 0
         latencies: list[float] = []
+        reconnects = 0
         errors = dict.fromkeys(ERROR_KINDS, 0)
         for _process, control in workers:
-            count, samples, worker_errors = cast(
+            count, samples, worker_errors, worker_reconnects = cast(
                 WorkerResult, _expect(control, "result", spec.timeout_s + 30.0)
             )
             requests += count
             latencies.extend(samples)
+            reconnects += worker_reconnects
             for kind, n in worker_errors.items():
                 errors[kind] += n
         for process, _control in workers:
@@ -410,7 +421,9 @@ def _run_builtin(
             if process.is_alive():
                 process.terminate()
                 process.join(5.0)
-    return LoadResult("builtin", requests, spec.duration_s, latencies, summarise_latencies(latencies), errors)
+    return LoadResult(
+        "builtin", requests, spec.duration_s, latencies, summarise_latencies(latencies), errors, reconnects
+    )
 
 
 def _sleep_until(deadline: float) -> None:

@@ -56,10 +56,9 @@ def shared_dir() -> Path | None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Keep-alive pass-through benchmark: direct vs daemon vs reference forwarder.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--size", type=int, default=1024, help="response body bytes")
-    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections")
+    parser.add_argument("--size", type=int, default=1024, help="response body bytes (default 1024)")
+    parser.add_argument("--connections", type=int, default=32, help="keep-alive connections (default 32)")
     parser.add_argument(
         "--duration",
         type=float,
@@ -76,7 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--processes",
         type=int,
         default=2,
-        help="load processes (wrk threads); connections are split among them",
+        help="load processes (wrk threads), connections split among them (default 2)",
     )
     parser.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help="comma list of: " + ", ".join(SCENARIOS)
@@ -85,10 +84,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--generator",
         choices=["auto", "wrk", "builtin"],
         default="auto",
-        help="load generator: auto is wrk when installed, else the built-in one",
+        help="load generator (default auto: wrk when installed, else the built-in one)",
     )
-    parser.add_argument("--timeout", type=float, default=5.0, help="per-request timeout (s)")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results")
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="per-request timeout in seconds (default 5)"
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=DEFAULT_JSON,
+        help="where to write the results (default bench/results/passthrough.json)",
+    )
     parser.add_argument(
         "--builtin-upstream",
         action="store_true",
@@ -123,6 +129,7 @@ class ScenarioResult:
     load: LoadResult | None = None
     sut_cpu_s: float | None = None  # CPU of the process being loaded, over the measured window
     upstream_cpu_s: float | None = None
+    sut_rss_kib: int | None = None  # resident memory of the loaded process at the end of the window
     exit_code: int | None = None  # the forwarder's exit code after SIGTERM (None for direct)
     stderr: str = ""
     notes: list[str] = field(default_factory=list)
@@ -140,9 +147,11 @@ class ScenarioResult:
                 latency_ms={k: _finite_or_none(v) for k, v in load.percentiles_ms.items()},
                 errors=load.error_count,
                 errors_by_kind=load.errors,
+                reconnects_on_connection_close=load.reconnects,
                 sut_cpu_s=self.sut_cpu_s,
                 sut_cpu_us_per_request=_finite_or_none(self.cpu_us_per_request()),
                 upstream_cpu_s=self.upstream_cpu_s,
+                sut_rss_kib=self.sut_rss_kib,
             )
         doc.update(exit_code=self.exit_code, stderr_tail=_tail(self.stderr), notes=self.notes)
         return doc
@@ -161,6 +170,7 @@ class CpuWindow:
         self._servers = servers
         self._start: list[float | None] = []
         self.used_s: list[float | None] = [None] * len(servers)
+        self.rss_kib_after: list[int | None] = [None] * len(servers)
 
     def start(self) -> None:
         self._start = [s.cpu_s() for s in self._servers]
@@ -169,6 +179,7 @@ class CpuWindow:
         for i, server in enumerate(self._servers):
             before, after = self._start[i] if self._start else None, server.cpu_s()
             self.used_s[i] = None if before is None or after is None else round(after - before, 3)
+            self.rss_kib_after[i] = server.rss_kib()
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -284,6 +295,7 @@ class Bench:
             return result
         result.sut_cpu_s = window.used_s[0]
         result.upstream_cpu_s = window.used_s[-1]
+        result.sut_rss_kib = window.rss_kib_after[0]
         if not sut.alive():
             result.status, result.reason = "failed", f"{sut.name} died under load"
         elif not upstream.alive():
@@ -405,6 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"upstream {bench.upstream_program}",
         flush=True,
     )
+    busy = meta["loadavg_before"] is not None and meta["loadavg_before"][0] > (os.cpu_count() or 1)
+    if busy:
+        print(f"  warning: load average {meta['loadavg_before'][0]} before the run: numbers will be noisy")
     results: list[ScenarioResult] = []
     with contextlib.ExitStack() as stack:
         upstream = bench.start_upstream()
@@ -453,4 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the finally blocks have already stopped every server
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -95,6 +95,17 @@ class ServerProcess:
         fields = stat[stat.rindex(")") + 2 :].split()
         return (int(fields[11]) + int(fields[12])) / _clock_ticks_per_s()
 
+    def rss_kib(self) -> int | None:
+        """Resident set size in KiB (Linux /proc only; None elsewhere)."""
+        try:
+            status = Path(f"/proc/{self._proc.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return None
+
     def alive(self) -> bool:
         return self._proc.poll() is None
 
