@@ -85,11 +85,7 @@ class App:
         serve until `drain()`; then wait for in-flight requests up to the grace period."""
         if bound is None:
             bound = await self.bind()
-        addresses = [
-            (str(sock_addr[0]), int(sock_addr[1]))
-            for listeners in bound
-            for sock_addr in (listener.socket.getsockname() for listener in listeners)
-        ]
+        addresses = [listener.socket.getsockname()[:2] for listeners in bound for listener in listeners]
         try:
             with trio.CancelScope() as connections:
                 self._connections = connections
@@ -105,12 +101,11 @@ class App:
                             )
                         )
                     accept_nursery.start_soon(self._sweep_pools)
-                    for server in self.servers:
+                    for server, listeners in zip(self.servers, bound, strict=True):
                         log.info(
-                            "listener %s on %s:%d (%d routes)",
+                            "listener %s on %s (%d routes)",
                             server.config.name,
-                            server.config.host,
-                            server.config.port,
+                            ", ".join(_address(listener) for listener in listeners),
                             len(server.config.routes),
                         )
                     task_status.started(addresses)
@@ -149,6 +144,11 @@ class App:
             await trio.sleep(POOL_SWEEP_INTERVAL_S)
             for pool in self.pools.values():
                 pool.expire_idle()
+
+
+def _address(listener: trio.SocketListener) -> str:
+    host, port = listener.socket.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def run(config: Config, secrets: SecretResolver | None = None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from resilient_ambassador.core.config import (
 from resilient_ambassador.core.headers import HOP_BY_HOP
 from resilient_ambassador.core.templates import Template, parse_template
 from resilient_ambassador.core.units import parse_duration, parse_size
+from resilient_ambassador.net.tls import client_context
 from resilient_ambassador.secrets import SecretError, SecretResolver
 
 _T = TypeVar("_T")
@@ -413,6 +415,11 @@ class _Builder:
         tls = TLSConfig(**_section(tls_at, _TLS))
         if tls_at is not None and (tls.cert_file is None) != (tls.key_file is None):
             raise tls_at.error("cert_file and key_file must be set together")
+        if tls_at is not None:
+            try:  # load the CA and client certificate now, so check-config catches a bad file
+                client_context(tls)
+            except (OSError, ssl.SSLError) as e:
+                raise tls_at.error(f"cannot load the TLS files: {e}") from None
         return UpstreamConfig(
             name,
             url,

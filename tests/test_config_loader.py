@@ -30,6 +30,7 @@ from resilient_ambassador.core.config import (
 )
 from resilient_ambassador.core.templates import parse_template
 from resilient_ambassador.secrets import SecretResolver
+from tests.support.tls import make_tls_material
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 SECRET = "s3cr3t-canary-7f1d"
@@ -47,6 +48,8 @@ def error(text: str, environ: dict[str, str] | None = None) -> str:
 
 
 def test_full_schema_maps_to_the_model(tmp_path: Path) -> None:
+    tls = make_tls_material(tmp_path)
+    ca, cert, key = tls.ca_file, tls.client_cert_file, tls.client_key_file
     token = tmp_path / "token"
     token.write_text("tok\n")
     config = load(
@@ -80,9 +83,9 @@ def test_full_schema_maps_to_the_model(tmp_path: Path) -> None:
             host_header: api.themoviedb.org
             tls:
               verify: false
-              ca_file: /ca
-              cert_file: /c
-              key_file: /k
+              ca_file: {ca}
+              cert_file: {cert}
+              key_file: {key}
               server_name: tmdb
               min_version: 1.3  # unquoted: read as written, not as the float YAML sees
             timeouts: {{connect: 250ms, response: 2s, read_idle: 1m}}
@@ -135,9 +138,9 @@ def test_full_schema_maps_to_the_model(tmp_path: Path) -> None:
                 url=UpstreamURL("https", "api.themoviedb.org", 443, "/3"),
                 tls=TLSConfig(
                     verify=False,
-                    ca_file="/ca",
-                    cert_file="/c",
-                    key_file="/k",
+                    ca_file=str(ca),
+                    cert_file=str(cert),
+                    key_file=str(key),
                     server_name="tmdb",
                     min_version="1.3",
                 ),
@@ -951,3 +954,21 @@ def test_parse_upstream_url(text: str, url: UpstreamURL) -> None:
 def test_parse_upstream_url_rejects(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_upstream_url(text)
+
+
+def test_unreadable_tls_file_is_a_config_error(tmp_path: Path) -> None:
+    missing = tmp_path / "missing-ca.pem"
+    with pytest.raises(ConfigError) as caught:
+        load(
+            f"""\
+            listeners:
+              - listen: 127.0.0.1:8000
+                routes: [{{upstream: api}}]
+            upstreams:
+              api:
+                url: https://api.example.com
+                tls:
+                  ca_file: {missing}
+            """
+        )
+    assert str(caught.value).startswith("ambassador.yaml:7: upstreams.api.tls: cannot load the TLS files")

@@ -93,7 +93,7 @@ def check_request(method: bytes, target: bytes, http_version: bytes, headers: He
     """Reject what a forwarding proxy must not pass on. Raises ClientError."""
     if http_version not in (b"1.1", b"1.0"):
         raise ClientError(505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1")
-    if not method.isupper() or not method.isalpha():
+    if method.upper() != method:
         # Methods are case-sensitive (RFC 9110 9.1); `get` is not GET and often a probe.
         raise ClientError(400, "bad_request", "invalid method")
     if method == b"CONNECT":

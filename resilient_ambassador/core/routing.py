@@ -58,7 +58,7 @@ class Router:
 
 def rewrite_target(route: RouteConfig, matched_prefix: bytes, target: bytes) -> bytes:
     """Replace the matched prefix with the route's `rewrite_prefix`, keeping the rest."""
-    if route.rewrite_prefix is None:
+    if route.rewrite_prefix is None or target == b"*":
         return target
     rest = target if matched_prefix == b"/" else target[len(matched_prefix) :]
     joined = route.rewrite_prefix.encode().rstrip(b"/") + rest  # rest: "", "/..." or "?..."

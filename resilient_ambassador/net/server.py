@@ -27,6 +27,7 @@ from resilient_ambassador.core.headers import (
     origin_form_target,
     scan_request_head,
 )
+from resilient_ambassador.core.log_throttle import LogThrottle
 from resilient_ambassador.core.messages import (
     EMPTY_BODY,
     Body,
@@ -76,7 +77,12 @@ def error_headers(error: ProxyError, body: bytes) -> Headers:
 def error_response(error: ProxyError) -> Response:
     """The daemon's own answer: a short JSON body and a reason header, never header values."""
     body = error.body()
-    return Response(status=error.status, headers=error_headers(error, body), body=BufferedBody(body))
+    return Response(
+        status=error.status,
+        headers=error_headers(error, body),
+        body=BufferedBody(body),
+        reason=HTTPStatus(error.status).phrase.encode(),
+    )
 
 
 @final
@@ -92,6 +98,7 @@ class HttpServer:
         self.draining = False
         self.open_connections = 0
         self._idle_scopes: set[trio.CancelScope] = set()
+        self.log_throttle = LogThrottle()
 
     def start_drain(self) -> None:
         self.draining = True
@@ -206,12 +213,15 @@ class ClientConnection:
                 if request is None:
                     return
                 if not await self._serve(request):
-                    return
+                    break
                 self._next_cycle()
         except ClientGone:
             return
         except ClientError as exc:
             await self._answer_and_close(exc)
+            return
+        if self.h11.their_state is h11.SEND_BODY:
+            await self._linger()  # we answered without reading the whole body
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -290,6 +300,9 @@ class ClientConnection:
                 length = int(value)
             elif name == b"transfer-encoding":
                 chunked = True
+        has_body = chunked or bool(length)
+        if not has_body:
+            self.h11.next_event()  # the EndOfMessage of a bodiless request: no I/O needed
         target = normalize_path(origin_form_target(event.target, host))
         match = self.server.router.match(host, target)
         if match is None:
@@ -300,12 +313,7 @@ class ClientConnection:
         if length is not None and length > limit:
             # Before any 100 Continue: the client need not send the body at all.
             raise ClientError(413, "body_too_large", "request body too large")
-        body: Body
-        if chunked or length:
-            body = DownstreamBody(self, length, limit)
-        else:
-            body = EMPTY_BODY
-            self.h11.next_event()  # the EndOfMessage of a bodiless request: no I/O needed
+        body: Body = DownstreamBody(self, length, limit) if has_body else EMPTY_BODY
         request = Request(
             method=event.method,
             target=upstream_target,
@@ -330,7 +338,8 @@ class ClientConnection:
             raise
         except ProxyError as exc:
             self._log_error(event, exc)
-            await self._respond(error_response(exc), close=False)
+            # An unread request body cannot be skipped safely: say we close.
+            await self._respond(error_response(exc), close=self.h11.their_state is not h11.DONE)
             return self._reusable()
         try:
             response = await route.handler(request)
@@ -339,7 +348,7 @@ class ClientConnection:
         except ProxyError as exc:
             self._log_error(event, exc, route.config.upstream)
             response = error_response(exc)
-        await self._respond(response, close=False)
+        await self._respond(response, close=self.h11.their_state is not h11.DONE)
         return self._reusable()
 
     def _reusable(self) -> bool:
@@ -395,9 +404,16 @@ class ClientConnection:
 
     async def _answer_and_close(self, error: ClientError) -> None:
         """Answer a bad request, unless a response is already under way, then close the way
-        nginx's lingering close does: half-close, and discard what the client still sends for
-        a moment so an unread request body does not turn our answer into a RST."""
-        log.info("rejecting request from %s: %d %s", self.peer_ip.decode(), error.status, error.message)
+        nginx's lingering close does."""
+        suppressed = self.server.log_throttle.allow(("reject", error.reason), trio.current_time())
+        if suppressed is not None:
+            log.info(
+                "rejecting request from %s: %d %s%s",
+                self.peer_ip.decode(),
+                error.status,
+                error.message,
+                f" (+{suppressed} more like it)" if suppressed else "",
+            )
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         body = error.body()
@@ -407,6 +423,14 @@ class ClientConnection:
         head.append(b"connection: close")
         try:
             await self.send(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        except ClientGone:
+            return
+        await self._linger()
+
+    async def _linger(self) -> None:
+        """Half-close, then read and discard what the client still sends for a moment, so our
+        answer is not destroyed by the RST that closing on unread data would cause."""
+        try:
             await self.stream.send_eof()
             with trio.move_on_after(LINGER_S):
                 discarded = 0
@@ -415,17 +439,21 @@ class ClientConnection:
                     if not data:
                         break
                     discarded += len(data)
-        except (ClientGone, trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return
 
     def _log_error(self, event: h11.Request, exc: ProxyError, upstream: str | None = None) -> None:
+        suppressed = self.server.log_throttle.allow((upstream, exc.reason), trio.current_time())
+        if suppressed is None:
+            return
         path = bytes(event.target).split(b"?", 1)[0][:200].decode("latin-1")
         log.warning(
-            "%s %s -> %d %s (%s)%s",
+            "%s %s -> %d %s (%s)%s%s",
             event.method.decode("latin-1"),
             path,
             exc.status,
             exc.reason,
             exc.message,
             f" upstream={upstream}" if upstream else "",
+            f" (+{suppressed} more like it)" if suppressed else "",
         )

@@ -106,7 +106,7 @@ class ConnectionPool:
 
     @property
     def in_use(self) -> int:
-        return self.config.pool.max_connections - self._slots.value - len(self._idle)
+        return self.config.pool.max_connections - self._slots.value
 
     async def acquire(self, *, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
         """A connection and whether it was reused from the pool."""
@@ -304,7 +304,9 @@ class UpstreamClient:
             request.headers,
             ((name, self._secrets.resolve(tpl).encode()) for name, tpl in self._header_names),
         )
-        target = self._base_path + request.target if self._base_path else request.target
+        target = request.target
+        if self._base_path and target != b"*":
+            target = self._base_path + target
         target = inject_query(
             target,
             ((name, quote(self._secrets.resolve(tpl), safe="").encode()) for name, tpl in self._query_names),
@@ -352,6 +354,10 @@ class UpstreamClient:
         if len(headers) > MAX_RESPONSE_HEADER_COUNT:
             self.pool.discard(conn)
             raise UpstreamProtocolError("too many response header fields", upstream=name)
+        # h11 caps only a head still incomplete; one that arrived whole in one read is checked here.
+        if sum(len(n) + len(v) + 4 for n, v in headers) > MAX_RESPONSE_HEAD_BYTES:
+            self.pool.discard(conn)
+            raise UpstreamProtocolError("response head too large", upstream=name)
         length: int | None = None
         has_te = False
         for hname, value in headers:
@@ -385,12 +391,25 @@ class UpstreamClient:
         h = conn.h11
         head = h.send(outgoing)
         if body.length == 0:
-            await _send(conn, head + h.send(h11.EndOfMessage()))
+            await self._send(conn, head + h.send(h11.EndOfMessage()))
             return
-        await _send(conn, head)
+        await self._send(conn, head)
         async for chunk in body:
-            await _send(conn, h.send(h11.Data(data=chunk)))
-        await _send(conn, h.send(h11.EndOfMessage()))
+            await self._send(conn, h.send(h11.Data(data=chunk)))
+        await self._send(conn, h.send(h11.EndOfMessage()))
+
+    async def _send(self, conn: UpstreamConnection, data: bytes) -> None:
+        """Write to the upstream; one that stops reading for `read_idle_s` is given up on."""
+        timeout_s = self.config.timeouts.read_idle_s
+        try:
+            with trio.fail_after(timeout_s):
+                await conn.stream.send_all(data)
+        except trio.TooSlowError:
+            raise UpstreamTimeout(
+                f"upstream stopped reading the request for {timeout_s:g}s", upstream=self.config.name
+            ) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise _PeerClosed(False) from None
 
     async def _receive_head(self, conn: UpstreamConnection) -> h11.Response:
         h = conn.h11
@@ -412,10 +431,3 @@ class UpstreamClient:
             if type(event) is h11.InformationalResponse:
                 continue  # 100 Continue and friends: we sent the whole body already
             raise _PeerClosed(got_bytes)
-
-
-async def _send(conn: UpstreamConnection, data: bytes) -> None:
-    try:
-        await conn.stream.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        raise _PeerClosed(False) from None

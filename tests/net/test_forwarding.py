@@ -312,3 +312,26 @@ async def test_rotated_secret_file_is_used_without_restart(nursery: trio.Nursery
         "Bearer old-key",
         "Bearer new-key",
     ]
+
+
+async def test_no_route_keeps_the_connection_for_bodiless_requests(nursery: trio.Nursery) -> None:
+    upstream = await start_fake_upstream(nursery)
+    route = RouteConfig(upstream="up", prefix="/api")
+    daemon = await start_daemon(nursery, simple_config(upstream_config(upstream.url()), routes=[route]))
+
+    async with await HttpClient.connect(daemon.port) as client:
+        missing = await client.request("GET", "/nope")
+        found = await client.request("GET", "/api/x")
+
+    assert (missing.status, missing.reason) == (404, b"Not Found")
+    assert found.status == 200
+
+
+async def test_options_asterisk_is_forwarded_untouched(nursery: trio.Nursery) -> None:
+    upstream = await start_fake_upstream(nursery)
+    daemon = await start_daemon(nursery, simple_config(upstream_config(upstream.url() + "/base")))
+
+    raw = await raw_exchange(daemon.port, b"OPTIONS * HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+
+    assert raw.startswith(b"HTTP/1.1 200 ")
+    assert upstream.received[0].target == b"*"

@@ -3,14 +3,15 @@ or an aborted connection once the response has started."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import pytest
 import trio
 
-from resilient_ambassador.core.config import TLSConfig, UpstreamTimeouts
-from tests.support.client import RawConnection, http_request
+from resilient_ambassador.core.config import RouteConfig, TLSConfig, UpstreamTimeouts
+from tests.support.client import RawConnection, http_request, parse_status
 from tests.support.daemon import simple_config, start_daemon, upstream_config
 from tests.support.tls import make_tls_material
 from tests.support.upstream import Reply, echo, start_fake_upstream
@@ -204,3 +205,51 @@ async def test_mtls_client_certificate(nursery: trio.Nursery, tmp_path: Path) ->
 
     assert (await http_request(with_cert.port, "GET", "/")).status == 200
     assert (await http_request(without.port, "GET", "/")).status == 502
+
+
+async def test_oversized_response_head_in_one_read_is_502(nursery: trio.Nursery) -> None:
+    upstream = await start_fake_upstream(nursery)
+    daemon = await start_daemon(nursery, simple_config(upstream_config(upstream.url())))
+    big = b"HTTP/1.1 200 OK\r\n" + b"X-Big: " + b"v" * 40_000 + b"\r\nContent-Length: 0\r\n\r\n"
+    upstream.script(Reply(raw=big, close_after=True))
+
+    response = await http_request(daemon.port, "GET", "/")
+
+    assert response.status == 502
+    assert b"response head too large" in response.body
+
+
+async def test_upstream_that_stops_reading_the_body_is_504(nursery: trio.Nursery) -> None:
+    # A raw listener that accepts and never reads: our writes fill the socket buffers.
+    listener = (await trio.open_tcp_listeners(0, host="127.0.0.1"))[0]
+    port = listener.socket.getsockname()[1]
+    accepted: list[trio.abc.Stream] = []
+
+    async def accept_and_ignore() -> None:
+        accepted.append(await listener.accept())
+
+    nursery.start_soon(accept_and_ignore)
+    config = simple_config(
+        upstream_config(f"http://127.0.0.1:{port}", timeouts=UpstreamTimeouts(read_idle_s=0.2)),
+        routes=[RouteConfig(upstream="up", max_request_body_bytes=100_000_000)],
+    )
+    daemon = await start_daemon(nursery, config)
+
+    async with await RawConnection.connect(daemon.port) as conn:
+        await conn.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 64000000\r\n\r\n")
+
+        async def send_body() -> None:
+            with contextlib.suppress(trio.BrokenResourceError):
+                for _ in range(1000):
+                    await conn.send(b"x" * 64_000)
+
+        async with trio.open_nursery() as senders:
+            senders.start_soon(send_body)
+            read = await conn.receive_until_closed()
+            senders.cancel_scope.cancel()
+
+    assert parse_status(read.data) == 504
+    assert b"stopped reading the request" in read.data
+    for stream in accepted:
+        await stream.aclose()
+    await listener.aclose()
