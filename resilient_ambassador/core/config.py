@@ -78,6 +78,59 @@ class PoolConfig:
     acquire_timeout_s: float = 5.0
 
 
+# RFC 9110 9.2.2: methods whose repetition has the same intended effect; POST and PATCH are not.
+IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+DEFAULT_FAILURE_STATUSES: frozenset[int] = frozenset({502, 503, 504})
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """Circuit breaker for one upstream (pybreaker's state machine), in front of every attempt."""
+
+    enabled: bool = True
+    # Consecutive failures that open the breaker (pybreaker `fail_max`; Envoy outlier detection
+    # ejects after 5 consecutive 5xx).
+    failure_threshold: int = 5
+    # Open -> half-open after this long (Envoy's base ejection time is 30 s).
+    reset_timeout_s: float = 30.0
+    # Successful probes needed in half-open to close again (pybreaker `success_threshold`).
+    success_threshold: int = 1
+    # Concurrent probes let through while half-open; the rest fail fast.
+    half_open_max_probes: int = 1
+    # Volume guard: never open unless at least this many requests were seen in `window_s`,
+    # so a quiet upstream is not cut off by a short streak of bad luck.
+    min_requests: int = 10
+    window_s: float = 10.0
+    failure_statuses: frozenset[int] = DEFAULT_FAILURE_STATUSES
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """Retries for one route, Envoy-style, bounded by a budget so a failing upstream never
+    sees a retry storm."""
+
+    retries: int = 1  # extra attempts after the first (Envoy's num_retries default); 0 = off
+    methods: frozenset[str] = IDEMPOTENT_METHODS
+    on_statuses: frozenset[int] = DEFAULT_FAILURE_STATUSES
+    # Full-jitter exponential backoff: sleep uniform(0, min(max, base * 2**n)); Envoy's base is
+    # 25 ms and its cap 10x the base.
+    backoff_base_s: float = 0.025
+    backoff_max_s: float = 0.25
+    per_try_timeout_s: float | None = None  # None: only the upstream's response timeout
+    # Retries may add at most this share on top of requests in the window (Envoy/Linkerd 20%),
+    # with a floor so a quiet route can still retry.
+    budget_ratio: float = 0.2
+    budget_min_per_s: float = 3.0
+    budget_window_s: float = 10.0
+    # Request bodies up to this size are buffered so they can be replayed; larger ones are
+    # streamed and never retried.
+    buffer_body_bytes: int = 64 * KiB
+    # Honour an upstream `Retry-After` on 429/503 (give up when it is past the deadline).
+    respect_retry_after: bool = True
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
@@ -92,6 +145,7 @@ class UpstreamConfig:
     query: tuple[tuple[str, Template], ...] = ()
     # Host header sent upstream; None: the URL authority.
     host_header: str | None = None
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
 
 
 @final
@@ -103,6 +157,13 @@ class RouteConfig:
     host: str | None = None  # exact match on the request Host (port ignored), case-insensitive
     rewrite_prefix: str | None = None  # replaces the matched prefix when set
     max_request_body_bytes: int = 1 * MiB  # nginx's client_max_body_size default
+    # Overall deadline for the request, retries and backoff included; None: no overall bound
+    # beyond each attempt's timeouts.
+    timeout_s: float | None = None
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    # A client header that may shorten (never lengthen) the deadline, e.g. X-Request-Timeout;
+    # None: ignored and stripped. Only for trusted clients.
+    deadline_header: str | None = None
 
 
 @final

@@ -13,10 +13,13 @@ class ProxyError(Exception):
     status = 502
     reason = "proxy_error"
 
-    def __init__(self, message: str, *, upstream: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, upstream: str | None = None, retry_after_s: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.upstream = upstream
+        self.retry_after_s = retry_after_s  # sent as Retry-After (whole seconds, rounded up)
 
     def body(self) -> bytes:
         doc: dict[str, str] = {"error": self.reason, "message": self.message}
@@ -66,6 +69,21 @@ class StaleConnection(UpstreamError):
     idempotent request may be replayed on a fresh connection."""
 
     reason = "upstream_connection_closed"
+
+
+class DeadlineExceeded(UpstreamTimeout):
+    """The route's overall deadline (retries and backoff included) ran out."""
+
+    reason = "deadline_exceeded"
+
+
+class BreakerOpen(ProxyError):
+    """The upstream's circuit breaker is open (or half-open with its probes busy): answered at
+    once without contacting the upstream. Never retried. A response cache in front may catch
+    this and serve a stale copy instead: that is the hook for stale-if-error."""
+
+    status = 503
+    reason = "circuit_open"
 
 
 class ClientError(ProxyError):

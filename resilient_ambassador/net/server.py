@@ -66,12 +66,15 @@ class RouteRuntime:
 
 
 def error_headers(error: ProxyError, body: bytes) -> Headers:
-    return [
+    headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (REASON_HEADER, error.reason.encode()),
         (b"cache-control", b"no-store"),
     ]
+    if error.retry_after_s is not None:
+        headers.append((b"retry-after", str(max(1, math.ceil(error.retry_after_s))).encode()))
+    return headers
 
 
 def error_response(error: ProxyError) -> Response:
