@@ -23,7 +23,8 @@ from resilient_ambassador.config_loader import (
     load_config,
     parse_listen_address,
 )
-from resilient_ambassador.core.config import Config
+from resilient_ambassador.core.config import Config, TLSConfig
+from resilient_ambassador.core.units import parse_duration
 from resilient_ambassador.secrets import SecretResolver
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -51,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="'NAME: VALUE'",
         help="header set on every upstream request; ${VAR} reads the environment, "
         "${file:/path} a (re-read on change) file such as a mounted Kubernetes Secret",
+    )
+    run.add_argument(
+        "--retries", type=int, metavar="N", help="retries per request on every route (0: off; default 1)"
+    )
+    run.add_argument(
+        "--breaker-failures",
+        type=int,
+        metavar="N",
+        help="consecutive failures that open an upstream's circuit breaker (0: no breaker; default 5)",
+    )
+    run.add_argument(
+        "--breaker-reset", metavar="DURATION", help="how long a breaker stays open (default 30s)"
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"])
@@ -93,8 +106,53 @@ def config_for_run(args: argparse.Namespace, resolver: SecretResolver) -> Config
     if args.config is None:
         if args.upstream is None:
             raise ConfigError("give --upstream URL (one-liner mode) or --config FILE")
-        return config_from_flags(args.listen or DEFAULT_LISTEN, args.upstream, args.header, resolver)
-    config = load_config(args.config, resolver)
+        config = config_from_flags(args.listen or DEFAULT_LISTEN, args.upstream, args.header, resolver)
+    else:
+        config = _override_file_config(load_config(args.config, resolver), args, resolver)
+    return _apply_policy_flags(config, args)
+
+
+def _apply_policy_flags(config: Config, args: argparse.Namespace) -> Config:
+    """--retries applies to every route, --breaker-* to every upstream."""
+    if args.retries is not None and args.retries < 0:
+        raise ConfigError("--retries: expected a whole number")
+    if args.breaker_failures is not None and args.breaker_failures < 0:
+        raise ConfigError("--breaker-failures: expected a whole number")
+    reset_s = None
+    if args.breaker_reset is not None:
+        try:
+            reset_s = parse_duration(args.breaker_reset)
+        except ValueError as exc:
+            raise ConfigError(f"--breaker-reset: {exc}") from None
+    listeners = config.listeners
+    if args.retries is not None:
+        listeners = tuple(
+            dataclasses.replace(
+                listener,
+                routes=tuple(
+                    dataclasses.replace(r, retry=dataclasses.replace(r.retry, retries=args.retries))
+                    for r in listener.routes
+                ),
+            )
+            for listener in listeners
+        )
+    upstreams = dict(config.upstreams)
+    for name, upstream in upstreams.items():
+        breaker = upstream.breaker
+        if args.breaker_failures is not None:
+            breaker = dataclasses.replace(
+                breaker,
+                enabled=args.breaker_failures > 0,
+                failure_threshold=max(1, args.breaker_failures),
+            )
+        if reset_s is not None:
+            breaker = dataclasses.replace(breaker, reset_timeout_s=reset_s)
+        upstreams[name] = dataclasses.replace(upstream, breaker=breaker)
+    return dataclasses.replace(config, listeners=listeners, upstreams=upstreams)
+
+
+def _override_file_config(config: Config, args: argparse.Namespace, resolver: SecretResolver) -> Config:
+    """--listen, --upstream and --header laid over a config file with one listener/upstream."""
     if args.listen is not None:
         if len(config.listeners) != 1:
             raise ConfigError("--listen can only override a config with exactly one listener")
@@ -112,6 +170,8 @@ def config_for_run(args: argparse.Namespace, resolver: SecretResolver) -> Config
         flags = config_from_flags(
             DEFAULT_LISTEN, args.upstream or str(upstream.url), args.header, resolver
         ).upstreams["default"]
+        if not flags.url.uses_tls and upstream.tls != TLSConfig():
+            raise ConfigError(f"--upstream: upstreams.{name} has tls settings but the URL is http://")
         replaced = {header.lower() for header, _ in flags.headers}
         kept = tuple(h for h in upstream.headers if h[0].lower() not in replaced)
         merged = dataclasses.replace(upstream, url=flags.url, headers=kept + flags.headers)

@@ -23,11 +23,13 @@ from urllib.parse import urlsplit
 import yaml
 
 from resilient_ambassador.core.config import (
+    BreakerConfig,
     ClientLimits,
     Config,
     DrainConfig,
     ListenerConfig,
     PoolConfig,
+    RetryConfig,
     RouteConfig,
     TLSConfig,
     UpstreamConfig,
@@ -49,6 +51,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _NAME_RULE = "letters, digits, '.', '_' and '-'"
 _LISTEN_FORM = "expected HOST:PORT like 127.0.0.1:8000 or [::1]:8000"
 _COUNT_RE = re.compile(r"[0-9]+")
+_METHOD_RE = re.compile(r"[A-Z][A-Z0-9_-]*")
 _HOSTNAME_RE = re.compile(r"[A-Za-z0-9._-]+")
 _HOST_PORT_RE = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^:\[\]]+))(?::(?P<port>[0-9]+))?")
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # field-name = token, RFC 9110 5.1
@@ -60,7 +63,7 @@ _URL_FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f]")  # urlsplit silently drops ta
 _NOT_INJECTABLE = frozenset(name.decode() for name in HOP_BY_HOP) | {"content-length"}
 # Policy sections later versions add. Rejected by name so that a config written for a newer
 # version fails loudly instead of running without its retries or limits.
-_RESERVED = ("retry", "breaker", "rate_limit", "cache")
+_RESERVED = ("rate_limit", "cache")
 
 
 class ConfigError(Exception):
@@ -175,6 +178,40 @@ class _At:
     def count(self) -> int:
         return self._positive(self.parsed(_parse_count, "a whole number"))
 
+    def whole_number(self) -> int:
+        """A count that may be 0 (e.g. `retries: 0` turns retries off)."""
+        return self.parsed(_parse_count, "a whole number")
+
+    def ratio(self) -> float:
+        """A share: `0.2` or `20%`."""
+        return self.parsed(_parse_ratio, "a ratio like 0.2 or 20%")
+
+    def statuses(self) -> frozenset[int]:
+        """A list of HTTP status codes (100-599)."""
+        out: set[int] = set()
+        for item in self.items():
+            code = item.parsed(_parse_count, "a status code")
+            if not 100 <= code <= 599:
+                raise item.error("expected a status code between 100 and 599")
+            out.add(code)
+        return frozenset(out)
+
+    def methods(self) -> frozenset[str]:
+        """A list of request methods, upper-case tokens such as GET."""
+        out: set[str] = set()
+        for item in self.items():
+            method = item.text()
+            if not _METHOD_RE.fullmatch(method):
+                raise item.error("expected an upper-case method such as GET")
+            out.add(method)
+        return frozenset(out)
+
+    def header_name(self) -> str:
+        name = self.text()
+        with _reported(self.where):
+            _check_header_name(name)
+        return name.lower()
+
     def path_prefix(self) -> str:
         prefix = self.text()
         if not _PATH_RE.fullmatch(prefix):
@@ -230,16 +267,55 @@ _TLS: _Schema = {
     "min_version": ("min_version", lambda at: at.choice("1.2", "1.3")),
 }
 _DRAIN: _Schema = {"grace_period": ("grace_period_s", _At.duration)}
+_BUDGET: _Schema = {
+    "ratio": ("budget_ratio", _At.ratio),
+    "min_per_second": ("budget_min_per_s", lambda at: float(at.whole_number())),
+    "window": ("budget_window_s", _At.duration),
+}
+_RETRY: _Schema = {
+    "retries": ("retries", _At.whole_number),
+    "methods": ("methods", _At.methods),
+    "on_statuses": ("on_statuses", _At.statuses),
+    "backoff_base": ("backoff_base_s", _At.duration),
+    "backoff_max": ("backoff_max_s", _At.duration),
+    "per_try_timeout": ("per_try_timeout_s", _At.duration),
+    "buffer_body": ("buffer_body_bytes", _At.size),
+    "respect_retry_after": ("respect_retry_after", _At.boolean),
+}
+_BREAKER: _Schema = {
+    "enabled": ("enabled", _At.boolean),
+    "failure_threshold": ("failure_threshold", _At.count),
+    "reset_timeout": ("reset_timeout_s", _At.duration),
+    "success_threshold": ("success_threshold", _At.count),
+    "half_open_max_probes": ("half_open_max_probes", _At.count),
+    "min_requests": ("min_requests", _At.whole_number),
+    "window": ("window_s", _At.duration),
+    "failure_statuses": ("failure_statuses", _At.statuses),
+}
 _MATCH: _Schema = {"prefix": ("prefix", _At.path_prefix), "host": ("host", _At.route_host)}
 _ROUTE: _Schema = {
     "rewrite_prefix": ("rewrite_prefix", _At.path_prefix),
     "max_request_body": ("max_request_body_bytes", _At.size),
+    "timeout": ("timeout_s", _At.duration),
+    "deadline_header": ("deadline_header", _At.header_name),
+    "retry": ("retry", lambda at: _retry(at)),
 }
 _UPSTREAM: _Schema = {
     "host_header": ("host_header", _At.authority),
     "timeouts": ("timeouts", lambda at: UpstreamTimeouts(**_section(at, _TIMEOUTS))),
     "pool": ("pool", lambda at: PoolConfig(**_section(at, _POOL))),
+    "breaker": ("breaker", lambda at: BreakerConfig(**_section(at, _BREAKER))),
 }
+
+
+def _retry(at: _At) -> RetryConfig:
+    found = at.fields((*_RETRY, "budget"))
+    fields = _read(found, _RETRY)
+    fields.update(_section(found.get("budget"), _BUDGET))  # nested in YAML, flat in the model
+    config = RetryConfig(**fields)
+    if config.backoff_max_s < config.backoff_base_s:
+        raise at.error("backoff_max must not be below backoff_base")
+    return config
 
 
 def _read(found: dict[str, _At], schema: _Schema) -> dict[str, Any]:
@@ -387,7 +463,16 @@ class _Builder:
 
     def _route(self, at: _At, default_name: str) -> RouteConfig:
         found = at.fields(
-            ("name", "match", "rewrite_prefix", "upstream", "max_request_body"),
+            (
+                "name",
+                "match",
+                "rewrite_prefix",
+                "upstream",
+                "max_request_body",
+                "timeout",
+                "deadline_header",
+                "retry",
+            ),
             ("upstream",),
             policies=True,
         )
@@ -404,7 +489,7 @@ class _Builder:
 
     def _upstream(self, name: str, at: _At) -> UpstreamConfig:
         found = at.fields(
-            ("url", "host_header", "tls", "timeouts", "pool", "headers", "query"),
+            ("url", "host_header", "tls", "timeouts", "pool", "breaker", "headers", "query"),
             ("url",),
             policies=True,
         )
@@ -502,6 +587,13 @@ def _split_host_port(text: str, expected: str) -> tuple[str, int | None]:
 def _authority(text: str) -> str:
     _split_host_port(text, "expected a host, optionally with :PORT")
     return text
+
+
+def _parse_ratio(text: str) -> float:
+    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    if not 0 <= value <= 10:
+        raise ValueError("expected a ratio between 0 and 10 (0% to 1000%)")
+    return value
 
 
 def _parse_count(text: str) -> int:

@@ -16,12 +16,14 @@ from resilient_ambassador.config_loader import (
     parse_upstream_url,
 )
 from resilient_ambassador.core.config import (
+    BreakerConfig,
     ClientLimits,
     Config,
     DrainConfig,
     ListenerConfig,
     MiB,
     PoolConfig,
+    RetryConfig,
     RouteConfig,
     TLSConfig,
     UpstreamConfig,
@@ -436,10 +438,83 @@ ERRORS = {
           - listen: 127.0.0.1:8000
             routes:
               - upstream: api
+                cache: {ttl: 3s}
+        upstreams: {api: {url: "http://127.0.0.1:9000"}}
+        """,
+        "ambassador.yaml:5: listeners[0].routes[0].cache: cache is not implemented in this version yet",
+    ),
+    "unknown retry key": (
+        """\
+        listeners:
+          - listen: 127.0.0.1:8000
+            routes:
+              - upstream: api
                 retry: {attempts: 3}
         upstreams: {api: {url: "http://127.0.0.1:9000"}}
         """,
-        "ambassador.yaml:5: listeners[0].routes[0].retry: retry is not implemented in this version yet",
+        "ambassador.yaml:5: listeners[0].routes[0].retry.attempts: unknown key (expected one of: "
+        "retries, methods, on_statuses, backoff_base, backoff_max, per_try_timeout, buffer_body, "
+        "respect_retry_after, budget)",
+    ),
+    "unknown budget key": (
+        """\
+        listeners:
+          - listen: 127.0.0.1:8000
+            routes:
+              - upstream: api
+                retry:
+                  budget: {percent: 20}
+        upstreams: {api: {url: "http://127.0.0.1:9000"}}
+        """,
+        "ambassador.yaml:6: listeners[0].routes[0].retry.budget.percent: unknown key "
+        "(expected one of: ratio, min_per_second, window)",
+    ),
+    "bad status code": (
+        """\
+        listeners:
+          - listen: 127.0.0.1:8000
+            routes:
+              - upstream: api
+                retry:
+                  on_statuses: [503, 700]
+        upstreams: {api: {url: "http://127.0.0.1:9000"}}
+        """,
+        "ambassador.yaml:6: listeners[0].routes[0].retry.on_statuses[1]: "
+        "expected a status code between 100 and 599",
+    ),
+    "lower-case method": (
+        """\
+        listeners:
+          - listen: 127.0.0.1:8000
+            routes:
+              - upstream: api
+                retry:
+                  methods: [GET, post]
+        upstreams: {api: {url: "http://127.0.0.1:9000"}}
+        """,
+        "ambassador.yaml:6: listeners[0].routes[0].retry.methods[1]: "
+        "expected an upper-case method such as GET",
+    ),
+    "backoff cap below base": (
+        """\
+        listeners:
+          - listen: 127.0.0.1:8000
+            routes:
+              - upstream: api
+                retry: {backoff_base: 1s, backoff_max: 100ms}
+        upstreams: {api: {url: "http://127.0.0.1:9000"}}
+        """,
+        "ambassador.yaml:5: listeners[0].routes[0].retry: backoff_max must not be below backoff_base",
+    ),
+    "breaker threshold zero": (
+        """\
+        listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
+        upstreams:
+          api:
+            url: http://127.0.0.1:9000
+            breaker: {failure_threshold: 0}
+        """,
+        "ambassador.yaml:5: upstreams.api.breaker.failure_threshold: must be greater than 0",
     ),
     "reserved key on an upstream": (
         """\
@@ -972,3 +1047,64 @@ def test_unreadable_tls_file_is_a_config_error(tmp_path: Path) -> None:
             """
         )
     assert str(caught.value).startswith("ambassador.yaml:7: upstreams.api.tls: cannot load the TLS files")
+
+
+def test_retry_breaker_and_deadline_settings_map_to_the_model() -> None:
+    config = load(
+        """\
+        listeners:
+          - listen: 127.0.0.1:8000
+            routes:
+              - upstream: api
+                timeout: 5s
+                deadline_header: X-Request-Timeout
+                retry:
+                  retries: 0
+                  methods: [GET, HEAD]
+                  on_statuses: [502, 503]
+                  backoff_base: 10ms
+                  backoff_max: 1s
+                  per_try_timeout: 2s
+                  budget: {ratio: 25%, min_per_second: 5, window: 30s}
+                  buffer_body: 16KiB
+                  respect_retry_after: false
+        upstreams:
+          api:
+            url: http://127.0.0.1:9000
+            breaker:
+              enabled: false
+              failure_threshold: 3
+              reset_timeout: 10s
+              success_threshold: 2
+              half_open_max_probes: 2
+              min_requests: 0
+              window: 5s
+              failure_statuses: [500, 503]
+        """
+    )
+    route = config.listeners[0].routes[0]
+    assert route.timeout_s == 5.0
+    assert route.deadline_header == "x-request-timeout"
+    assert route.retry == RetryConfig(
+        retries=0,
+        methods=frozenset({"GET", "HEAD"}),
+        on_statuses=frozenset({502, 503}),
+        backoff_base_s=0.01,
+        backoff_max_s=1.0,
+        per_try_timeout_s=2.0,
+        budget_ratio=0.25,
+        budget_min_per_s=5.0,
+        budget_window_s=30.0,
+        buffer_body_bytes=16 * 1024,
+        respect_retry_after=False,
+    )
+    assert config.upstreams["api"].breaker == BreakerConfig(
+        enabled=False,
+        failure_threshold=3,
+        reset_timeout_s=10.0,
+        success_threshold=2,
+        half_open_max_probes=2,
+        min_requests=0,
+        window_s=5.0,
+        failure_statuses=frozenset({500, 503}),
+    )
