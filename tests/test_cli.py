@@ -12,6 +12,8 @@ from pathlib import Path
 import trio
 
 from resilient_ambassador import __version__
+from resilient_ambassador.cli import build_parser, config_for_run
+from resilient_ambassador.secrets import SecretResolver
 from tests.support.client import http_request
 from tests.support.upstream import echo, parse_echo, start_fake_upstream
 
@@ -135,3 +137,35 @@ async def test_one_liner_injects_secret_and_drains_on_sigterm(nursery: trio.Nurs
     log = stderr_path.read_text()
     assert "SIGTERM received" in log
     assert CANARY not in log
+
+
+def test_policy_flags_apply_to_every_route_and_upstream() -> None:
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--retries",
+            "3",
+            "--breaker-failures",
+            "7",
+            "--breaker-reset",
+            "5s",
+        ]
+    )
+    config = config_for_run(args, SecretResolver())
+    assert config.listeners[0].routes[0].retry.retries == 3
+    breaker = config.upstreams["default"].breaker
+    assert (breaker.enabled, breaker.failure_threshold, breaker.reset_timeout_s) == (True, 7, 5.0)
+
+    off = config_for_run(
+        build_parser().parse_args(["run", "--upstream", "http://127.0.0.1:9", "--breaker-failures", "0"]),
+        SecretResolver(),
+    )
+    assert off.upstreams["default"].breaker.enabled is False
+
+
+def test_bad_policy_flag_is_a_usage_error() -> None:
+    result = _run("run", "--upstream", "http://127.0.0.1:9", "--breaker-reset", "soon")
+    assert result.returncode == 2
+    assert "--breaker-reset: expected a duration" in result.stderr
