@@ -11,11 +11,14 @@ from typing import final
 
 import trio
 
-from resilient_ambassador.core.config import Config, UpstreamConfig
+from resilient_ambassador.core.config import Config, RouteConfig, UpstreamConfig
 from resilient_ambassador.core.messages import Handler
+from resilient_ambassador.core.retry import RetryBudget
 from resilient_ambassador.net.server import HttpServer, RouteRuntime
 from resilient_ambassador.net.upstream import ConnectionPool, UpstreamClient
 from resilient_ambassador.secrets import SecretResolver
+from resilient_ambassador.stages.breaker import maybe_breaker
+from resilient_ambassador.stages.retry import RetryStage
 
 log = logging.getLogger("resilient_ambassador")
 
@@ -28,10 +31,25 @@ def upstream_host(config: UpstreamConfig) -> bytes:
     return (config.host_header or config.url.authority).encode()
 
 
-def build_pipeline(client: UpstreamClient) -> Handler:
-    """The per-route chain of stages around the upstream client. The policy stages (cache,
-    retry, rate limit, breaker) slot in here, outermost first."""
-    return client
+def build_pipeline(route: RouteConfig, upstream: Handler) -> Handler:
+    """A route's chain of stages, outermost first: retry -> breaker -> upstream client.
+
+    `upstream` is the upstream's shared breaker (or its client when the breaker is off): one
+    breaker per upstream, whatever the number of routes. Retry sits outside it, so every
+    attempt passes the breaker and an open breaker is never retried. Cache and rate limit
+    slot in here as they land (cache outermost: a hit spends no quota; rate limit between
+    retry and breaker: every attempt takes a token)."""
+    handler = upstream
+    if route.retry.retries > 0:
+        handler = RetryStage(
+            handler,
+            route.retry,
+            route_timeout_s=route.timeout_s,
+            deadline_header=route.deadline_header.encode() if route.deadline_header else None,
+            budget=RetryBudget.from_config(route.retry),
+            upstream=route.upstream,
+        )
+    return handler
 
 
 @final
@@ -43,12 +61,15 @@ class App:
         self.clients = {
             name: UpstreamClient(up, self.pools[name], self.secrets) for name, up in config.upstreams.items()
         }
+        self.breakers = {
+            name: maybe_breaker(self.clients[name], up.breaker, name) for name, up in config.upstreams.items()
+        }
         self.servers: list[HttpServer] = []
         for listener in config.listeners:
             routes = {
                 id(route): RouteRuntime(
                     config=route,
-                    handler=build_pipeline(self.clients[route.upstream]),
+                    handler=build_pipeline(route, self.breakers[route.upstream]),
                     upstream_host=upstream_host(config.upstreams[route.upstream]),
                 )
                 for route in listener.routes

@@ -77,6 +77,17 @@ async def test_chunked_bodies_both_ways(upstream: FakeUpstream) -> None:
     assert seen.raw.endswith(b"\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n")
 
 
+async def test_chunk_delay_splits_writes_and_empty_first_chunk_sends_head_alone(
+    upstream: FakeUpstream,
+) -> None:
+    upstream.script(Reply(body=[b"", b"much later"], chunk_delay_s=30.0))
+    async with await RawConnection.connect(upstream.port) as conn:
+        await conn.send(GET)
+        head = await conn.receive_some()
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert head.lower().endswith(b"transfer-encoding: chunked\r\n\r\n")
+
+
 async def test_echo_handler_returns_the_request(nursery: trio.Nursery) -> None:
     upstream = await start_fake_upstream(nursery, default=echo)
     response = await http_request(
@@ -174,6 +185,12 @@ async def test_expect_100_continue_is_answered_before_the_body(upstream: FakeUps
         responses, rest = parse_responses((await conn.receive_until_closed()).data)
     assert ([r.status for r in responses], rest) == ([200], b"")
     assert upstream.received[0].body == b"body"
+
+
+async def test_http_client_waits_for_100_continue(upstream: FakeUpstream) -> None:
+    response = await http_request(upstream.port, "PUT", headers=[("Expect", "100-continue")], body=b"payload")
+    assert (response.status, response.informational) == (200, [100])
+    assert upstream.received[0].body == b"payload"
 
 
 async def test_head_gets_headers_without_body(upstream: FakeUpstream) -> None:

@@ -7,6 +7,7 @@ be replayed, which is what makes a retry possible.
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, final
@@ -84,6 +85,9 @@ class Request:
     headers: Headers
     body: Body = EMPTY_BODY
     http_version: bytes = b"1.1"
+    # An attempt deadline (trio clock) set by the retry stage's per-try timeout; the upstream
+    # client enforces it and raises UpstreamTimeout, so the breaker counts it.
+    deadline: float = math.inf
 
     @property
     def path(self) -> bytes:

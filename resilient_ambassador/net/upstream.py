@@ -7,6 +7,7 @@ Foreign exceptions (OSError, ssl, trio, h11) are mapped to `core.errors` here, a
 from __future__ import annotations
 
 import logging
+import math
 import select
 import socket
 import ssl
@@ -314,6 +315,13 @@ class UpstreamClient:
         return h11.Request(method=request.method, target=target, headers=headers)
 
     async def __call__(self, request: Request) -> Response:
+        if request.deadline == math.inf:
+            return await self._forward(request)
+        with trio.move_on_at(request.deadline):
+            return await self._forward(request)
+        raise UpstreamTimeout("no response within the per-try timeout", upstream=self.config.name)
+
+    async def _forward(self, request: Request) -> Response:
         outgoing = self._outgoing(request)
         conn, reused = await self.pool.acquire()
         try:

@@ -8,9 +8,10 @@ and hand back whatever came back; `parse_responses` and `parse_status` pick that
 
 from __future__ import annotations
 
+import contextlib
 import re
 import ssl
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self, final
@@ -21,6 +22,8 @@ import trio
 _READ_SIZE_BYTES = 64 * 1024
 # Generous: a test that needs longer is waiting for a bug, and faulthandler_timeout is 60 s.
 DEFAULT_TIMEOUT_S = 10.0
+# How long a request with `Expect: 100-continue` holds its body back for a 100; curl's default.
+EXPECT_CONTINUE_WAIT_S = 1.0
 
 HeaderPairs = Sequence[tuple[str | bytes, str | bytes]]
 
@@ -77,6 +80,18 @@ def _request_headers(
     return out
 
 
+@contextlib.contextmanager
+def _unwrap_lone_error() -> Iterator[None]:
+    """Let a single error out of a nursery bare, as callers of a plain call expect it."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            error = group.exceptions[0]
+            raise error from error.__cause__
+        raise
+
+
 @final
 class HttpClient:
     """One HTTP/1.1 connection, used for as many requests as the server allows."""
@@ -127,22 +142,37 @@ class HttpClient:
         """Send one request and read its whole response.
 
         A Host header (`host:port`) and Content-Length (or chunked, for a sequence body) are
-        added unless given. Raises `trio.TooSlowError` after `timeout_s`.
+        added unless given. The body is sent while the response is read, so an early response
+        (413, say) is returned even if the server stops reading; with `Expect: 100-continue` the
+        body waits for the 100 (or `EXPECT_CONTINUE_WAIT_S`, as curl does). Raises
+        `trio.TooSlowError` after `timeout_s`.
         """
         if not self.reusable:
             raise RuntimeError(f"connection not reusable: {self._h.states}")
+        chunks = [body] if isinstance(body, bytes) else list(body)
+        head = h11.Request(
+            method=method, target=target, headers=_request_headers(method, headers, body, self._authority)
+        )
+        go_ahead = trio.Event()  # a 100 Continue or a final response arrived
+
+        async def send_body() -> None:
+            if self._h.client_is_waiting_for_100_continue:
+                with trio.move_on_after(EXPECT_CONTINUE_WAIT_S):
+                    await go_ahead.wait()
+            # A server that answered early may close before reading it all: not our failure.
+            with contextlib.suppress(trio.BrokenResourceError):
+                for chunk in chunks:
+                    await self._send(h11.Data(data=chunk))
+                await self._send(h11.EndOfMessage())
+
         with trio.fail_after(self._timeout_s):
-            request = h11.Request(
-                method=method,
-                target=target,
-                headers=_request_headers(method, headers, body, self._authority),
-            )
-            await self._send(request)
-            for chunk in [body] if isinstance(body, bytes) else body:
-                await self._send(h11.Data(data=chunk))
-            await self._send(h11.EndOfMessage())
+            await self._send(head)
             self.requests_sent += 1
-            response = await self._read_response()
+            with _unwrap_lone_error():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(send_body)
+                    response = await self._read_response(go_ahead)
+                    nursery.cancel_scope.cancel()  # a response before the whole body: stop sending
         if self._h.our_state is h11.DONE and self._h.their_state is h11.DONE:
             self._h.start_next_cycle()
         return response
@@ -187,7 +217,7 @@ class HttpClient:
             self._h.send_failed()
             raise
 
-    async def _read_response(self) -> ClientResponse:
+    async def _read_response(self, go_ahead: trio.Event) -> ClientResponse:
         informational: list[int] = []
         head: h11.Response | None = None
         body = bytearray()
@@ -197,8 +227,10 @@ class HttpClient:
                 self._h.receive_data(bytes(await self._stream.receive_some(_READ_SIZE_BYTES)))
             elif isinstance(event, h11.InformationalResponse):
                 informational.append(event.status_code)
+                go_ahead.set()
             elif isinstance(event, h11.Response):
                 head = event
+                go_ahead.set()
             elif isinstance(event, h11.Data):
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):

@@ -11,10 +11,12 @@ import trio
 from resilient_ambassador.app import App
 from resilient_ambassador.config_loader import parse_upstream_url
 from resilient_ambassador.core.config import (
+    BreakerConfig,
     ClientLimits,
     Config,
     DrainConfig,
     ListenerConfig,
+    RetryConfig,
     RouteConfig,
     TLSConfig,
     UpstreamConfig,
@@ -22,9 +24,15 @@ from resilient_ambassador.core.config import (
 from resilient_ambassador.core.templates import Template
 from resilient_ambassador.secrets import SecretResolver
 
+# Forwarding tests see each attempt as it is; resilience tests opt in to the policies.
+NO_BREAKER = BreakerConfig(enabled=False)
+NO_RETRY = RetryConfig(retries=0)
+
 
 def upstream_config(url: str, name: str = "up", **fields: Any) -> UpstreamConfig:
-    """An UpstreamConfig for a test upstream URL such as `FakeUpstream.url()`."""
+    """An UpstreamConfig for a test upstream URL such as `FakeUpstream.url()`; no breaker
+    unless `breaker=` is given."""
+    fields.setdefault("breaker", NO_BREAKER)
     return UpstreamConfig(name=name, url=parse_upstream_url(url), **fields)
 
 
@@ -35,14 +43,18 @@ def simple_config(
     limits: ClientLimits | None = None,
     extra_upstreams: Sequence[UpstreamConfig] = (),
     grace_period_s: float = 5.0,
+    retry: RetryConfig | None = None,
 ) -> Config:
+    """One listener on an ephemeral port; its default route has no retries unless `retry=`."""
     return Config(
         listeners=(
             ListenerConfig(
                 name="main",
                 host="127.0.0.1",
                 port=0,
-                routes=tuple(routes) if routes is not None else (RouteConfig(upstream=upstream.name),),
+                routes=tuple(routes)
+                if routes is not None
+                else (RouteConfig(upstream=upstream.name, retry=retry or NO_RETRY),),
                 limits=limits or ClientLimits(),
             ),
         ),

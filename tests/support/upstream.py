@@ -437,7 +437,7 @@ class FakeUpstream:
         if reply.drop is not None:
             raise _CloseConnection(reset=reply.drop == "rst")
         if reply.raw is not None:
-            self._before_last_write(conn, h, reply)
+            self._before_last_write(conn, h, request, reply)
             await conn.stream.send_all(reply.raw)
             if reply.close_after:
                 raise _CloseConnection()
@@ -478,16 +478,28 @@ class FakeUpstream:
             if index:
                 await trio.sleep(reply.chunk_delay_s)
             if index == len(writes) - 1:
-                self._before_last_write(conn, h, reply)
+                self._before_last_write(conn, h, request, reply)
             await self._send(conn, h, *events)
         if reply.close_after:
             raise _CloseConnection()
 
-    def _before_last_write(self, conn: _Connection, h: h11.Connection, reply: Reply) -> None:
+    def _before_last_write(
+        self, conn: _Connection, h: h11.Connection, request: h11.Request, reply: Reply
+    ) -> None:
         # Idle from here, not from after the write: the client may read the response and call
         # close_idle_connections before this task runs again.
-        if not reply.close_after and not h.trailing_data[0]:
+        if _keeps_alive(request, reply) and not h.trailing_data[0]:
             self._set_idle(conn, True)
+
+
+def _keeps_alive(request: h11.Request, reply: Reply) -> bool:
+    """Whether the connection outlives this exchange, as h11 decides (RFC 9112 9.3)."""
+    if reply.close_after or request.http_version < b"1.1":
+        return False
+    headers = [(k.lower(), v) for k, v in request.headers]
+    headers += [(k.lower().encode(), v.encode()) for k, v in reply.headers]
+    tokens = {t.strip().lower() for k, v in headers if k == b"connection" for t in v.split(b",")}
+    return b"close" not in tokens
 
 
 async def start_fake_upstream(
