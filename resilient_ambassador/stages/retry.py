@@ -35,6 +35,10 @@ from resilient_ambassador.core.units import parse_duration
 log = logging.getLogger("resilient_ambassador.retry")
 
 
+# Well past the per-try deadline, so a busy event loop cannot let the backstop fire first.
+PER_TRY_BACKSTOP_S = 0.1
+
+
 @final
 class RetryStage:
     """Retries a request on upstream failure, only when it is safe and affordable.
@@ -152,10 +156,11 @@ class RetryStage:
         """One call to the inner handler under the per-try and overall deadlines."""
         deadline = state.deadline
         if per_try_s is not None and (per_try_deadline := trio.current_time() + per_try_s) < deadline:
-            deadline = per_try_deadline
             # The upstream client enforces this itself and raises UpstreamTimeout inside the
-            # breaker, so a per-try timeout counts as the upstream's failure; the scope below
-            # is the backstop (and the overall deadline, which the breaker must not count).
+            # breaker, so a per-try timeout counts as the upstream's failure. The scope below
+            # is only a backstop, later, because if both had expired the outer scope
+            # would catch the cancellation first and the breaker would never see a timeout.
+            deadline = min(deadline, per_try_deadline + PER_TRY_BACKSTOP_S)
             request = dataclasses.replace(request, deadline=per_try_deadline)
         with trio.CancelScope(deadline=deadline):
             return await self._inner(request)

@@ -76,7 +76,11 @@ class ScriptedUpstream:
         self.seen.append(Seen(request.method, request.target, list(request.headers), body, request.body, at))
         step = self.steps.popleft() if self.steps else self.default
         if step.delay_s:
-            await trio.sleep(step.delay_s)
+            # Like the real upstream client: an attempt deadline is enforced here, inside.
+            with trio.move_on_at(request.deadline):
+                await trio.sleep(step.delay_s)
+            if trio.current_time() >= request.deadline:
+                raise UpstreamTimeout("no response within the per-try timeout", upstream="up")
         if step.error is not None:
             raise step.error
         index = len(self.responses)

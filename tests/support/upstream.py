@@ -50,13 +50,15 @@ class Reply:
     # event per item, chunked unless `headers` has a Content-Length.
     body: bytes | Sequence[bytes] = b"ok"
     delay_s: float = 0.0  # before anything is sent (or the connection dropped)
-    chunk_delay_s: float = 0.0  # between body chunks
+    # Between body chunks. Without it the whole response is one write; with it the head goes
+    # with the first chunk, so body=[b"", ...] sends the head alone first.
+    chunk_delay_s: float = 0.0
     # Sent verbatim instead of an h11 response (garbage, double framing, CR/LF in headers...).
     # The connection then carries on with the next request unless `close_after`.
     raw: bytes | None = None
     # Send the head and the first chunk (half of a bytes body), then reset (SO_LINGER 0).
     reset_after_head: bool = False
-    close_after: bool = False  # add `Connection: close` and close after the response
+    close_after: bool = False  # close after the response (adding `Connection: close` unless raw)
     drop: DropMode | None = None  # close without answering: FIN or RST
 
 
@@ -72,7 +74,7 @@ class Received:
     body: bytes  # de-chunked
     raw: bytes  # the exact bytes of head and body as they arrived (still chunked)
     connection_id: int  # index into FakeUpstream.connections: equal ids = a reused connection
-    complete: bool = True  # False: the peer went away (or broke framing) mid-body
+    complete: bool = True  # False: the peer went away (or broke framing) mid-body; no reply
 
     def header_values(self, name: str) -> list[str]:
         """Every value of header `name` (case-insensitive), in order."""
@@ -97,7 +99,7 @@ class ConnectionRecord:
     # Waiting for a (next) request, none of it received yet. Set just before the last byte of
     # a keep-alive response is written, so it holds by the time a client has read the response.
     idle: bool = False
-    closed: bool = False  # by the server or the peer; the socket is closed
+    closed: bool = False  # set as the server starts closing it (after EOF, error or reply)
 
 
 Handler = Callable[[Received], Reply]
