@@ -29,6 +29,7 @@ from resilient_ambassador.core.config import (
     DrainConfig,
     ListenerConfig,
     PoolConfig,
+    RedisConfig,
     RetryConfig,
     RouteConfig,
     TLSConfig,
@@ -291,7 +292,23 @@ _BREAKER: _Schema = {
     "min_requests": ("min_requests", _At.whole_number),
     "window": ("window_s", _At.duration),
     "failure_statuses": ("failure_statuses", _At.statuses),
+    "shared": ("shared", lambda at: at.choice("none", "redis")),
+    "sync_interval": ("sync_interval_s", _At.duration),
 }
+_REDIS: _Schema = {
+    "url": ("url", lambda at: at.parsed(_redis_url, "a URL like redis://redis:6379/0")),
+    "timeout": ("timeout_s", _At.duration),
+    "key_prefix": ("key_prefix", _At.text),
+}
+
+
+def _redis_url(text: str) -> str:
+    """redis://, rediss:// or unix://; the URL is never echoed (it may hold a password)."""
+    if urlsplit(text).scheme not in ("redis", "rediss", "unix") or _URL_FORBIDDEN_RE.search(text):
+        raise ValueError("expected a URL like redis://redis:6379/0")
+    return text
+
+
 _MATCH: _Schema = {"prefix": ("prefix", _At.path_prefix), "host": ("host", _At.route_host)}
 _ROUTE: _Schema = {
     "rewrite_prefix": ("rewrite_prefix", _At.path_prefix),
@@ -433,7 +450,8 @@ class _Builder:
         self._route_names: dict[str, _At] = {}
 
     def config(self, root: _At) -> Config:
-        found = root.fields(("listeners", "upstreams", "drain"), ("listeners", "upstreams"))
+        found = root.fields(("listeners", "upstreams", "drain", "redis"), ("listeners", "upstreams"))
+        redis = RedisConfig(**_section(found.get("redis"), _REDIS))
         # Upstreams first, so routes can be checked against them.
         for name, at in found["upstreams"].entries():
             if not _NAME_RE.fullmatch(name):
@@ -441,7 +459,11 @@ class _Builder:
             self._upstreams[name] = self._upstream(name, at)
         listeners = tuple(self._listener(at, i) for i, at in enumerate(found["listeners"].items()))
         drain = DrainConfig(**_section(found.get("drain"), _DRAIN))
-        return Config(listeners, self._upstreams, drain, root.source)
+        if redis.url is None:
+            for name, at in found["upstreams"].entries():
+                if self._upstreams[name].breaker.shared == "redis":
+                    raise at.error("breaker.shared is redis but the config has no redis.url")
+        return Config(listeners, self._upstreams, drain, root.source, redis)
 
     def _listener(self, at: _At, index: int) -> ListenerConfig:
         found = at.fields(("name", "listen", "protocol", "limits", "routes"), ("listen", "routes"))

@@ -23,6 +23,7 @@ from resilient_ambassador.core.config import (
     ListenerConfig,
     MiB,
     PoolConfig,
+    RedisConfig,
     RetryConfig,
     RouteConfig,
     TLSConfig,
@@ -247,7 +248,7 @@ ERRORS = {
         upstreams: {api: {url: "http://127.0.0.1:9000"}}
         admin: {listen: 127.0.0.1:9901}
         """,
-        "ambassador.yaml:3: admin: unknown key (expected one of: listeners, upstreams, drain)",
+        "ambassador.yaml:3: admin: unknown key (expected one of: listeners, upstreams, drain, redis)",
     ),
     "listeners not a list": (
         """\
@@ -1108,3 +1109,48 @@ def test_retry_breaker_and_deadline_settings_map_to_the_model() -> None:
         window_s=5.0,
         failure_statuses=frozenset({500, 503}),
     )
+
+
+def test_redis_section_and_shared_breaker() -> None:
+    config = load(
+        """\
+        listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
+        upstreams:
+          api:
+            url: http://127.0.0.1:9000
+            breaker: {shared: redis, sync_interval: 200ms}
+        redis: {url: "redis://:pw@127.0.0.1:6379/2", timeout: 100ms, key_prefix: "pod-a:"}
+        """
+    )
+    assert config.redis == RedisConfig(url="redis://:pw@127.0.0.1:6379/2", timeout_s=0.1, key_prefix="pod-a:")
+    assert (config.upstreams["api"].breaker.shared, config.upstreams["api"].breaker.sync_interval_s) == (
+        "redis",
+        0.2,
+    )
+
+
+def test_shared_breaker_needs_a_redis_url() -> None:
+    message = error(
+        """\
+        listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
+        upstreams:
+          api:
+            url: http://127.0.0.1:9000
+            breaker: {shared: redis}
+        """
+    )
+    assert (
+        message == "ambassador.yaml:3: upstreams.api: breaker.shared is redis but the config has no redis.url"
+    )
+
+
+def test_redis_url_is_checked_and_never_echoed() -> None:
+    message = error(
+        """\
+        listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
+        upstreams: {api: {url: "http://127.0.0.1:9000"}}
+        redis: {url: "http://:hunter2@redis:6379"}
+        """
+    )
+    assert message.startswith("ambassador.yaml:3: redis.url: expected a URL like redis://")
+    assert "hunter2" not in message

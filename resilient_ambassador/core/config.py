@@ -103,6 +103,22 @@ class BreakerConfig:
     min_requests: int = 10
     window_s: float = 10.0
     failure_statuses: frozenset[int] = DEFAULT_FAILURE_STATUSES
+    # "redis": an open breaker is shared with every daemon using the same Redis (see
+    # docs/shared-breaker.md); "none": this process only.
+    shared: Literal["none", "redis"] = "none"
+    sync_interval_s: float = 0.5  # how often shared state is read back from Redis
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """The Redis that shared state (breakers now; limits and cache later) lives in."""
+
+    url: str | None = None  # redis://host:6379/0; None: no shared state
+    # Budget for one Redis round trip: past it the call is abandoned and we fall back to local
+    # state (redis-py's own retries would turn a dead Redis into multi-second stalls).
+    timeout_s: float = 0.25
+    key_prefix: str = "ra:"
 
 
 @final
@@ -206,4 +222,5 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     upstreams: dict[str, UpstreamConfig]
     drain: DrainConfig = field(default_factory=DrainConfig)
-    source: str = "<flags>"  # the file it came from, for messages
+    source: str = "<flags>"
+    redis: RedisConfig = field(default_factory=RedisConfig)  # the file it came from, for messages
