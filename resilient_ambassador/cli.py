@@ -22,6 +22,7 @@ from resilient_ambassador.config_loader import (
     config_from_flags,
     load_config,
     parse_listen_address,
+    parse_redis_url,
 )
 from resilient_ambassador.core.config import Config, TLSConfig
 from resilient_ambassador.core.units import parse_duration
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--breaker-reset", metavar="DURATION", help="how long a breaker stays open (default 30s)"
+    )
+    run.add_argument(
+        "--redis",
+        metavar="URL",
+        help="share state through this Redis (redis://host:6379/0): open breakers for now",
     )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"])
@@ -113,7 +119,7 @@ def config_for_run(args: argparse.Namespace, resolver: SecretResolver) -> Config
 
 
 def _apply_policy_flags(config: Config, args: argparse.Namespace) -> Config:
-    """--retries applies to every route, --breaker-* to every upstream."""
+    """--retries applies to every route, --breaker-* and --redis to every upstream."""
     if args.retries is not None and args.retries < 0:
         raise ConfigError("--retries: expected a whole number")
     if args.breaker_failures is not None and args.breaker_failures < 0:
@@ -124,6 +130,12 @@ def _apply_policy_flags(config: Config, args: argparse.Namespace) -> Config:
             reset_s = parse_duration(args.breaker_reset)
         except ValueError as exc:
             raise ConfigError(f"--breaker-reset: {exc}") from None
+    if args.redis is not None:
+        try:
+            redis_url = parse_redis_url(args.redis)
+        except ValueError as exc:
+            raise ConfigError(f"--redis: {exc}") from None
+        config = dataclasses.replace(config, redis=dataclasses.replace(config.redis, url=redis_url))
     listeners = config.listeners
     if args.retries is not None:
         listeners = tuple(
@@ -147,6 +159,8 @@ def _apply_policy_flags(config: Config, args: argparse.Namespace) -> Config:
             )
         if reset_s is not None:
             breaker = dataclasses.replace(breaker, reset_timeout_s=reset_s)
+        if args.redis is not None:
+            breaker = dataclasses.replace(breaker, shared="redis")
         upstreams[name] = dataclasses.replace(upstream, breaker=breaker)
     return dataclasses.replace(config, listeners=listeners, upstreams=upstreams)
 

@@ -296,13 +296,13 @@ _BREAKER: _Schema = {
     "sync_interval": ("sync_interval_s", _At.duration),
 }
 _REDIS: _Schema = {
-    "url": ("url", lambda at: at.parsed(_redis_url, "a URL like redis://redis:6379/0")),
+    "url": ("url", lambda at: at.parsed(parse_redis_url, "a URL like redis://redis:6379/0")),
     "timeout": ("timeout_s", _At.duration),
     "key_prefix": ("key_prefix", _At.text),
 }
 
 
-def _redis_url(text: str) -> str:
+def parse_redis_url(text: str) -> str:
     """redis://, rediss:// or unix://; the URL is never echoed (it may hold a password)."""
     if urlsplit(text).scheme not in ("redis", "rediss", "unix") or _URL_FORBIDDEN_RE.search(text):
         raise ValueError("expected a URL like redis://redis:6379/0")

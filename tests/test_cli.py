@@ -169,3 +169,12 @@ def test_bad_policy_flag_is_a_usage_error() -> None:
     result = _run("run", "--upstream", "http://127.0.0.1:9", "--breaker-reset", "soon")
     assert result.returncode == 2
     assert "--breaker-reset: expected a duration" in result.stderr
+
+
+def test_redis_flag_shares_every_breaker() -> None:
+    args = build_parser().parse_args(
+        ["run", "--upstream", "http://127.0.0.1:9", "--redis", "redis://127.0.0.1:6379/0"]
+    )
+    config = config_for_run(args, SecretResolver())
+    assert config.redis.url == "redis://127.0.0.1:6379/0"
+    assert config.upstreams["default"].breaker.shared == "redis"
