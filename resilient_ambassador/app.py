@@ -17,8 +17,10 @@ from resilient_ambassador.core.retry import RetryBudget
 from resilient_ambassador.net.server import HttpServer, RouteRuntime
 from resilient_ambassador.net.upstream import ConnectionPool, UpstreamClient
 from resilient_ambassador.secrets import SecretResolver
-from resilient_ambassador.stages.breaker import maybe_breaker
+from resilient_ambassador.stages.breaker import BreakerStage, maybe_breaker
 from resilient_ambassador.stages.retry import RetryStage
+from resilient_ambassador.stores.redis_client import RedisRunner
+from resilient_ambassador.stores.shared_breaker import SharedBreakerSync
 
 log = logging.getLogger("resilient_ambassador")
 
@@ -64,6 +66,19 @@ class App:
         self.breakers = {
             name: maybe_breaker(self.clients[name], up.breaker, name) for name, up in config.upstreams.items()
         }
+        # Shared breaker state: an open breaker here opens it on every daemon using this Redis.
+        self.redis: RedisRunner | None = None
+        self.breaker_sync: SharedBreakerSync | None = None
+        shared = [
+            stage
+            for name, stage in self.breakers.items()
+            if isinstance(stage, BreakerStage) and config.upstreams[name].breaker.shared == "redis"
+        ]
+        if shared and config.redis.url is not None:
+            self.redis = RedisRunner.from_url(config.redis.url, timeout_s=config.redis.timeout_s)
+            self.breaker_sync = SharedBreakerSync(self.redis, key_prefix=config.redis.key_prefix)
+            for stage in shared:
+                self.breaker_sync.register(stage)
         self.servers: list[HttpServer] = []
         for listener in config.listeners:
             routes = {
@@ -106,38 +121,55 @@ class App:
         serve until `drain()`; then wait for in-flight requests up to the grace period."""
         if bound is None:
             bound = await self.bind()
-        addresses = [listener.socket.getsockname()[:2] for listeners in bound for listener in listeners]
+        addresses: list[tuple[str, int]] = [
+            listener.socket.getsockname()[:2] for listeners in bound for listener in listeners
+        ]
         try:
-            with trio.CancelScope() as connections:
-                self._connections = connections
-                async with trio.open_nursery() as connection_nursery, trio.open_nursery() as accept_nursery:
-                    self._accepting = accept_nursery.cancel_scope
-                    for server, listeners in zip(self.servers, bound, strict=True):
-                        accept_nursery.start_soon(
-                            partial(
-                                trio.serve_listeners,
-                                server.handle_connection,
-                                listeners,
-                                handler_nursery=connection_nursery,
-                            )
-                        )
-                    accept_nursery.start_soon(self._sweep_pools)
-                    for server, listeners in zip(self.servers, bound, strict=True):
-                        log.info(
-                            "listener %s on %s (%d routes)",
-                            server.config.name,
-                            ", ".join(_address(listener) for listener in listeners),
-                            len(server.config.routes),
-                        )
-                    task_status.started(addresses)
-            if connections.cancelled_caught:
-                log.warning("grace period over: closed the connections still open")
+            async with trio.open_nursery() as background:
+                if self.breaker_sync is not None:
+                    await background.start(self.breaker_sync.run)
+                await self._serve_connections(bound, addresses, task_status)
+                background.cancel_scope.cancel()
         finally:
             for pool in self.pools.values():
                 pool.close_idle()
             for listeners in bound:
                 for listener in listeners:
                     listener.socket.close()
+            if self.redis is not None:
+                with trio.CancelScope(shield=True):
+                    await self.redis.aclose()
+
+    async def _serve_connections(
+        self,
+        bound: list[list[trio.SocketListener]],
+        addresses: list[tuple[str, int]],
+        task_status: trio.TaskStatus[list[tuple[str, int]]],
+    ) -> None:
+        with trio.CancelScope() as connections:
+            self._connections = connections
+            async with trio.open_nursery() as connection_nursery, trio.open_nursery() as accept_nursery:
+                self._accepting = accept_nursery.cancel_scope
+                for server, listeners in zip(self.servers, bound, strict=True):
+                    accept_nursery.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            server.handle_connection,
+                            listeners,
+                            handler_nursery=connection_nursery,
+                        )
+                    )
+                accept_nursery.start_soon(self._sweep_pools)
+                for server, listeners in zip(self.servers, bound, strict=True):
+                    log.info(
+                        "listener %s on %s (%d routes)",
+                        server.config.name,
+                        ", ".join(_address(listener) for listener in listeners),
+                        len(server.config.routes),
+                    )
+                task_status.started(addresses)
+        if connections.cancelled_caught:
+            log.warning("grace period over: closed the connections still open")
 
     def drain(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, close idle

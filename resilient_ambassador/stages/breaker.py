@@ -82,6 +82,19 @@ class BreakerStats:
 
 
 @final
+@dataclass(frozen=True, slots=True)
+class BreakerChange:
+    """A state change, as change hooks see it (see `BreakerStage.add_change_hook`)."""
+
+    upstream: str
+    state: str  # the new state: "closed", "open" or "half-open"
+    # True when `open_for()` opened it (another replica's verdict), False when this
+    # replica's own calls did.
+    forced: bool = False
+    open_for_s: float = 0.0  # when opened: seconds until a probe may pass
+
+
+@final
 class BreakerStage:
     """Circuit breaker for one upstream, shared by every route to it.
 
@@ -120,6 +133,10 @@ class BreakerStage:
 
     Not seen: errors while the caller streams the response body happen after this stage has
     returned; the breaker has already counted the response head.
+
+    Sharing (docs/shared-breaker.md): `add_change_hook` tells a sync task about transitions,
+    and `open_for` opens a closed breaker for a given time on another replica's word; what
+    follows (BreakerOpen, then half-open probes) is the same as after a local open.
     """
 
     def __init__(
@@ -138,7 +155,9 @@ class BreakerStage:
         self._clock = clock
         self._window = VolumeWindow(config.min_requests, config.window_s)
         self._epoch = 0  # bumped on every state change; see _settle
-        self._opened_at: float | None = None  # on `clock`
+        self._half_open_at: float | None = None  # on `clock`; set when it opens
+        self._forced_open_s: float | None = None  # set only while open_for() opens it
+        self._change_hooks: list[Callable[[BreakerChange], None]] = []
         self._probes_in_flight = 0
         self._successes = 0
         self._failures = 0
@@ -163,9 +182,31 @@ class BreakerStage:
 
     def time_until_half_open(self) -> float:
         """Seconds left before an open breaker lets a probe through (0 if not open)."""
-        if self.state != pybreaker.STATE_OPEN or self._opened_at is None:
+        if self.state != pybreaker.STATE_OPEN or self._half_open_at is None:
             return 0.0
-        return max(0.0, self._opened_at + self.config.reset_timeout_s - self._clock())
+        return max(0.0, self._half_open_at - self._clock())
+
+    def add_change_hook(self, hook: Callable[[BreakerChange], None]) -> None:
+        """Call `hook` on every state change, synchronously on the calling task and after the
+        stage's own bookkeeping (so `time_until_half_open()` already holds for an open). It
+        must not block or call back into the stage; an exception from it is logged and
+        dropped, never raised into a request. (pybreaker has not updated `state` yet when
+        hooks run: use `change.state`.)"""
+        self._change_hooks.append(hook)
+
+    def open_for(self, remaining_s: float) -> bool:
+        """Open a closed breaker for `remaining_s` seconds (another replica saw the upstream
+        fail); then half-open probing proceeds as after a local open. Does nothing (False) if
+        the breaker is not closed: an open one keeps its own timer, a half-open one lets its
+        probe decide. Calls admitted before are not counted, as after any transition."""
+        if remaining_s <= 0 or self.state != pybreaker.STATE_CLOSED:
+            return False
+        self._forced_open_s = remaining_s
+        try:
+            self._breaker.open()  # pybreaker's public API: listeners see closed -> open
+        finally:
+            self._forced_open_s = None
+        return True
 
     def stats(self) -> BreakerStats:
         return BreakerStats(
@@ -256,9 +297,18 @@ class BreakerStage:
 
     def _on_state_change(self, new_state: str) -> None:
         self._epoch += 1
+        forced = self._forced_open_s is not None
+        open_for_s = 0.0
         if new_state == pybreaker.STATE_OPEN:
             self._opened += 1
-            self._opened_at = self._clock()
+            open_for_s = self.config.reset_timeout_s if self._forced_open_s is None else self._forced_open_s
+            self._half_open_at = self._clock() + open_for_s
+        change = BreakerChange(upstream=self.name, state=new_state, forced=forced, open_for_s=open_for_s)
+        for hook in self._change_hooks:
+            try:
+                hook(change)
+            except Exception:
+                log.exception("breaker change hook failed for upstream %s", self.name)
 
 
 def maybe_breaker(
@@ -314,16 +364,18 @@ class _LogListener(pybreaker.CircuitBreakerListener):
         stage = self._stage
         old = old_state.name if old_state is not None else "?"
         if new_state.name == pybreaker.STATE_OPEN:
-            why = (
-                "a probe failed"
-                if old == pybreaker.STATE_HALF_OPEN
-                else f"{cb.fail_counter} consecutive failures"
-            )
+            forced_s = stage._forced_open_s
+            if forced_s is not None:
+                why = "another replica opened it"
+            elif old == pybreaker.STATE_HALF_OPEN:
+                why = "a probe failed"
+            else:
+                why = f"{cb.fail_counter} consecutive failures"
             log.warning(
                 "circuit breaker for upstream %s opened (%s): answering 503 for %gs",
                 stage.name,
                 why,
-                stage.config.reset_timeout_s,
+                round(forced_s if forced_s is not None else stage.config.reset_timeout_s, 3),
             )
         elif new_state.name == pybreaker.STATE_HALF_OPEN:
             log.info(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import uuid
 
 import trio
 import trio.testing
 
-from resilient_ambassador.core.config import BreakerConfig, RetryConfig, RouteConfig
+from resilient_ambassador.core.config import BreakerConfig, RedisConfig, RetryConfig, RouteConfig
+from resilient_ambassador.stages.breaker import BreakerStage
 from tests.support.client import HttpClient, http_request
 from tests.support.daemon import simple_config, start_daemon, upstream_config
 from tests.support.upstream import Reply, echo, parse_echo, start_fake_upstream
@@ -133,3 +136,30 @@ async def test_client_deadline_header_shortens_and_is_stripped(nursery: trio.Nur
     assert (short.status, short.header("x-ambassador-error")) == (504, "deadline_exceeded")
     assert normal.status == 200
     assert all(r.header("x-request-timeout") is None for r in upstream.received)
+
+
+async def test_open_breaker_is_shared_through_redis(nursery: trio.Nursery) -> None:
+    """Two daemons (two pods) on one Redis: the upstream fails on A; B stops calling it."""
+    upstream = await start_fake_upstream(nursery, default=Reply(status=503))
+    breaker = BreakerConfig(
+        failure_threshold=3, min_requests=0, reset_timeout_s=30.0, shared="redis", sync_interval_s=0.05
+    )
+    redis = RedisConfig(url="redis://127.0.0.1:6379/0", key_prefix=f"test-{uuid.uuid4().hex}:")
+    config = dataclasses.replace(simple_config(upstream_config(upstream.url(), breaker=breaker)), redis=redis)
+    pod_a = await start_daemon(nursery, config)
+    pod_b = await start_daemon(nursery, config)
+
+    for _ in range(3):
+        await http_request(pod_a.port, "GET", "/")
+    assert (await http_request(pod_a.port, "GET", "/")).header("x-ambassador-error") == "circuit_open"
+
+    breaker_b = pod_b.app.breakers["up"]
+    assert isinstance(breaker_b, BreakerStage)
+    with trio.fail_after(2):
+        # B learns it from its background read of Redis; no traffic goes through B meanwhile.
+        while breaker_b.state != "open":  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    refused = await http_request(pod_b.port, "GET", "/")
+
+    assert refused.header("x-ambassador-error") == "circuit_open"
+    assert len(upstream.received) == 3  # only A's requests ever reached the upstream

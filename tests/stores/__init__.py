@@ -1,0 +1,1 @@
+"""Stores against real Redis servers."""
