@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import uuid
@@ -11,6 +12,7 @@ import trio.testing
 
 from resilient_ambassador.core.config import BreakerConfig, RedisConfig, RetryConfig, RouteConfig
 from resilient_ambassador.stages.breaker import BreakerStage
+from tests.stores.redis_server import redis_server
 from tests.support.client import HttpClient, http_request
 from tests.support.daemon import simple_config, start_daemon, upstream_config
 from tests.support.upstream import Reply, echo, parse_echo, start_fake_upstream
@@ -139,12 +141,18 @@ async def test_client_deadline_header_shortens_and_is_stripped(nursery: trio.Nur
 
 
 async def test_open_breaker_is_shared_through_redis(nursery: trio.Nursery) -> None:
+    with contextlib.ExitStack() as stack:
+        await _shared_breaker_scenario(nursery, stack)
+
+
+async def _shared_breaker_scenario(nursery: trio.Nursery, stack: contextlib.ExitStack) -> None:
     """Two daemons (two pods) on one Redis: the upstream fails on A; B stops calling it."""
     upstream = await start_fake_upstream(nursery, default=Reply(status=503))
     breaker = BreakerConfig(
         failure_threshold=3, min_requests=0, reset_timeout_s=30.0, shared="redis", sync_interval_s=0.05
     )
-    redis = RedisConfig(url="redis://127.0.0.1:6379/0", key_prefix=f"test-{uuid.uuid4().hex}:")
+    server = stack.enter_context(redis_server())  # our own: a fresh machine may run none on 6379
+    redis = RedisConfig(url=server.url, key_prefix=f"test-{uuid.uuid4().hex}:")
     config = dataclasses.replace(simple_config(upstream_config(upstream.url(), breaker=breaker)), redis=redis)
     pod_a = await start_daemon(nursery, config)
     pod_b = await start_daemon(nursery, config)

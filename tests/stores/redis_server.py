@@ -29,7 +29,7 @@ class RedisServer:
 
     def __init__(self, port: int | None = None) -> None:
         if REDIS_SERVER is None:
-            pytest.skip("redis-server is not installed")
+            pytest.fail("redis-server is not installed (scripts/test installs it with apt-get)")
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self.stopped = False
