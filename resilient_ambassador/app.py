@@ -42,7 +42,8 @@ def build_pipeline(route: RouteConfig, upstream: Handler) -> Handler:
     slot in here as they land (cache outermost: a hit spends no quota; rate limit between
     retry and breaker: every attempt takes a token)."""
     handler = upstream
-    if route.retry.retries > 0:
+    # The retry stage also owns the route deadline and the client deadline header.
+    if route.retry.retries > 0 or route.timeout_s is not None or route.deadline_header is not None:
         handler = RetryStage(
             handler,
             route.retry,

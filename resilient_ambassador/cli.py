@@ -128,6 +128,8 @@ def _apply_policy_flags(config: Config, args: argparse.Namespace) -> Config:
     if args.breaker_reset is not None:
         try:
             reset_s = parse_duration(args.breaker_reset)
+            if reset_s <= 0:
+                raise ValueError("must be greater than 0")
         except ValueError as exc:
             raise ConfigError(f"--breaker-reset: {exc}") from None
     if args.redis is not None:

@@ -222,5 +222,5 @@ class Config:
     listeners: tuple[ListenerConfig, ...]
     upstreams: dict[str, UpstreamConfig]
     drain: DrainConfig = field(default_factory=DrainConfig)
-    source: str = "<flags>"
-    redis: RedisConfig = field(default_factory=RedisConfig)  # the file it came from, for messages
+    source: str = "<flags>"  # the file it came from, for messages
+    redis: RedisConfig = field(default_factory=RedisConfig)

@@ -101,3 +101,13 @@ class ClientError(ProxyError):
 class NoRoute(ProxyError):
     status = 404
     reason = "no_route"
+
+
+def describe_parse_error(message: str) -> str:
+    """A parser's complaint without the bytes it quotes: h11 says `illegal header line:
+    bytearray(b'Authorization : Bearer ...')`, and those bytes may be a credential, which must
+    reach neither the client, the log, nor a trace."""
+    for marker in (": bytearray(", ": b'", ': b"'):
+        if marker in message:
+            return message.split(marker, 1)[0]
+    return message

@@ -19,7 +19,7 @@ import h11
 import trio
 
 from resilient_ambassador.core.config import ClientLimits, ListenerConfig, RouteConfig
-from resilient_ambassador.core.errors import ClientError, NoRoute, ProxyError
+from resilient_ambassador.core.errors import ClientError, NoRoute, ProxyError, describe_parse_error
 from resilient_ambassador.core.headers import (
     check_request,
     forward_request_headers,
@@ -175,7 +175,11 @@ class DownstreamBody:
             try:
                 event = h.next_event()
             except h11.RemoteProtocolError as exc:
-                raise ClientError(exc.error_status_hint, "bad_request", f"bad request body: {exc}") from None
+                raise ClientError(
+                    exc.error_status_hint,
+                    "bad_request",
+                    f"bad request body: {describe_parse_error(str(exc))}",
+                ) from None
             if event is h11.NEED_DATA:
                 data = await client.receive(self._deadline, "request body timeout")
                 h.receive_data(bytes(data))
@@ -273,7 +277,7 @@ class ClientConnection:
         try:
             event = self.h11.next_event()
         except h11.RemoteProtocolError as exc:
-            raise ClientError(exc.error_status_hint, "bad_request", str(exc)) from None
+            raise ClientError(exc.error_status_hint, "bad_request", describe_parse_error(str(exc))) from None
         if type(event) is not h11.Request:
             raise ClientError(400, "bad_request", "malformed request")
         return event

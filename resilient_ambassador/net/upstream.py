@@ -27,6 +27,7 @@ from resilient_ambassador.core.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamTLSError,
+    describe_parse_error,
 )
 from resilient_ambassador.core.headers import inject_headers, inject_query
 from resilient_ambassador.core.headers import response_headers_for_client as client_view
@@ -111,16 +112,28 @@ class ConnectionPool:
 
     async def acquire(self, *, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
         """A connection and whether it was reused from the pool."""
+        await self.reserve()
+        return await self.checkout(fresh=fresh)
+
+    async def reserve(self, deadline: float = math.inf) -> None:
+        """Take a connection slot, waiting at most `acquire_timeout_s` (or until `deadline`).
+        Running out is local saturation, UpstreamPoolTimeout, never the upstream's fault."""
         try:
             self._slots.acquire_nowait()
+            return
         except trio.WouldBlock:
-            with trio.move_on_after(self.config.pool.acquire_timeout_s) as scope:
-                await self._slots.acquire()
-            if scope.cancelled_caught:
-                raise UpstreamPoolTimeout(
-                    f"no free connection within {self.config.pool.acquire_timeout_s:g}s",
-                    upstream=self.config.name,
-                ) from None
+            pass
+        timeout_s = self.config.pool.acquire_timeout_s
+        with trio.move_on_at(min(trio.current_time() + timeout_s, deadline)):
+            await self._slots.acquire()
+            return
+        raise UpstreamPoolTimeout(
+            f"no free connection within {timeout_s:g}s or the attempt's deadline", upstream=self.config.name
+        )
+
+    async def checkout(self, *, fresh: bool = False) -> tuple[UpstreamConnection, bool]:
+        """With a slot reserved: an idle connection (and True), or a new one (and False). The
+        slot is given back if this fails."""
         try:
             if not fresh:
                 now = trio.current_time()
@@ -258,7 +271,9 @@ class UpstreamBody:
             try:
                 event, self._peeked = self._peeked or h.next_event(), None
             except h11.RemoteProtocolError as exc:
-                raise UpstreamProtocolError(f"bad response body: {exc}", upstream=self._upstream) from None
+                raise UpstreamProtocolError(
+                    f"bad response body: {describe_parse_error(str(exc))}", upstream=self._upstream
+                ) from None
             if event is h11.NEED_DATA:
                 try:
                     with trio.fail_after(self._read_idle_s):
@@ -315,23 +330,26 @@ class UpstreamClient:
         return h11.Request(method=request.method, target=target, headers=headers)
 
     async def __call__(self, request: Request) -> Response:
+        # The wait for a pool slot stays outside the attempt deadline's scope: running out there
+        # is our saturation (UpstreamPoolTimeout), not the upstream's slowness.
+        outgoing = self._outgoing(request)
+        await self.pool.reserve(request.deadline)
         if request.deadline == math.inf:
-            return await self._forward(request)
+            return await self._forward(request, outgoing)
         with trio.move_on_at(request.deadline):
-            return await self._forward(request)
+            return await self._forward(request, outgoing)
         raise UpstreamTimeout("no response within the per-try timeout", upstream=self.config.name)
 
-    async def _forward(self, request: Request) -> Response:
-        outgoing = self._outgoing(request)
-        conn, reused = await self.pool.acquire()
+    async def _forward(self, request: Request, outgoing: h11.Request) -> Response:
+        """With a slot reserved: check out a connection and exchange; replay once on a stale
+        pooled connection when that is safe. A stale connection that cannot be replayed is
+        reported as such (StaleConnection): a keep-alive race, not the upstream's failure."""
+        conn, reused = await self.pool.checkout()
         try:
             return await self._exchange(conn, reused, outgoing, request.body)
         except StaleConnection:
             if not (request.body.replayable and request.method in IDEMPOTENT_METHODS):
-                raise UpstreamProtocolError(
-                    "upstream closed a reused connection before answering",
-                    upstream=self.config.name,
-                ) from None
+                raise
             log.debug("replaying %s on a fresh connection to %s", request.method, self.config.name)
             conn, _ = await self.pool.acquire(fresh=True)
             return await self._exchange(conn, False, outgoing, request.body)
@@ -354,7 +372,9 @@ class UpstreamClient:
                     f"no response within {self.config.timeouts.response_s:g}s", upstream=name
                 ) from None
             except h11.RemoteProtocolError as exc:
-                raise UpstreamProtocolError(f"invalid response: {exc}", upstream=name) from None
+                raise UpstreamProtocolError(
+                    f"invalid response: {describe_parse_error(str(exc))}", upstream=name
+                ) from None
         except BaseException:
             self.pool.discard(conn)
             raise

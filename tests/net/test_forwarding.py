@@ -270,6 +270,7 @@ async def test_idempotent_request_replayed_when_reused_connection_dies(nursery: 
     assert (replayed.status, replayed.body) == (200, b"fresh")
     assert [r.target for r in upstream.received] == [b"/", b"/again", b"/again", b"/once"]
     assert refused.status == 502  # a sent POST is never replayed
+    assert refused.header("x-ambassador-error") == "upstream_connection_closed"
 
 
 async def test_client_disconnect_mid_response_discards_upstream_connection(nursery: trio.Nursery) -> None:

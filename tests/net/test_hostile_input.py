@@ -159,3 +159,19 @@ async def test_idle_keepalive_connection_is_closed_quietly(nursery: trio.Nursery
         read = await conn.receive_until_closed(timeout_s=5.0)
     assert read.ending == "eof"
     assert read.data.count(b"HTTP/1.1 200") == 1  # one answer, then a quiet close
+
+
+async def test_parse_errors_never_echo_header_bytes(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream, daemon = await _start(nursery)
+    caplog.set_level("INFO", logger="resilient_ambassador")
+
+    raw = await raw_exchange(
+        daemon.port, b"GET / HTTP/1.1\r\nHost: a\r\nAuthorization : Bearer s3cret-canary\r\n\r\n"
+    )
+
+    assert parse_status(raw) == 400
+    assert b"s3cret-canary" not in raw
+    assert "s3cret-canary" not in caplog.text
+    assert upstream.connections_accepted == 0

@@ -10,7 +10,7 @@ import uuid
 import trio
 import trio.testing
 
-from resilient_ambassador.core.config import BreakerConfig, RedisConfig, RetryConfig, RouteConfig
+from resilient_ambassador.core.config import BreakerConfig, PoolConfig, RedisConfig, RetryConfig, RouteConfig
 from resilient_ambassador.stages.breaker import BreakerStage
 from tests.stores.redis_server import redis_server
 from tests.support.client import HttpClient, http_request
@@ -171,3 +171,45 @@ async def _shared_breaker_scenario(nursery: trio.Nursery, stack: contextlib.Exit
 
     assert refused.header("x-ambassador-error") == "circuit_open"
     assert len(upstream.received) == 3  # only A's requests ever reached the upstream
+
+
+async def test_route_deadline_applies_without_retries(nursery: trio.Nursery) -> None:
+    upstream = await start_fake_upstream(nursery, default=echo)
+    route = RouteConfig(
+        upstream="up", timeout_s=0.2, deadline_header="x-request-timeout", retry=RetryConfig(retries=0)
+    )
+    daemon = await start_daemon(nursery, simple_config(upstream_config(upstream.url()), routes=[route]))
+    upstream.script(Reply(delay_s=5.0))
+
+    with trio.fail_after(2):
+        late = await http_request(daemon.port, "GET", "/")
+    ok = await http_request(daemon.port, "GET", "/", headers=[("X-Request-Timeout", "1s")])
+
+    assert late.header("x-ambassador-error") == "deadline_exceeded"
+    assert ok.status == 200
+    assert all(r.header("x-request-timeout") is None for r in upstream.received)
+
+
+async def test_waiting_for_a_pool_slot_is_not_an_upstream_failure(nursery: trio.Nursery) -> None:
+    upstream = await start_fake_upstream(nursery)
+    breaker = BreakerConfig(failure_threshold=1, min_requests=0)
+    retry = RetryConfig(retries=1, per_try_timeout_s=0.2, backoff_base_s=0.001, backoff_max_s=0.001)
+    routes = [
+        RouteConfig(upstream="up", prefix="/slow", retry=RetryConfig(retries=0)),  # holds the only connection
+        RouteConfig(upstream="up", retry=retry),  # its per-try deadline runs out waiting for a slot
+    ]
+    config = simple_config(
+        upstream_config(upstream.url(), breaker=breaker, pool=PoolConfig(max_connections=1)), routes=routes
+    )
+    daemon = await start_daemon(nursery, config)
+    upstream.script(Reply(delay_s=0.6, body=b"slow"))
+
+    async with trio.open_nursery() as clients:
+        clients.start_soon(http_request, daemon.port, "GET", "/slow")
+        await upstream.wait_received(1)
+        starved = await http_request(daemon.port, "GET", "/starved")
+
+    assert (starved.status, starved.header("x-ambassador-error")) == (503, "upstream_pool_exhausted")
+    breaker_stage = daemon.app.breakers["up"]
+    assert isinstance(breaker_stage, BreakerStage)
+    assert breaker_stage.state == "closed"
