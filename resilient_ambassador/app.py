@@ -64,16 +64,23 @@ class App:
         self.clients = {
             name: UpstreamClient(up, self.pools[name], self.secrets) for name, up in config.upstreams.items()
         }
+        # One breaker per upstream, shared by its routes; a route with a `breaker` of its own
+        # gets its own (named upstream/route) around the same client.
         self.breakers = {
             name: maybe_breaker(self.clients[name], up.breaker, name) for name, up in config.upstreams.items()
         }
+        for listener in config.listeners:
+            for route in listener.routes:
+                if route.breaker is not None:
+                    name = self.breaker_name(route)
+                    self.breakers[name] = maybe_breaker(self.clients[route.upstream], route.breaker, name)
         # Shared breaker state: an open breaker here opens it on every daemon using this Redis.
         self.redis: RedisRunner | None = None
         self.breaker_sync: SharedBreakerSync | None = None
         shared = [
             stage
-            for name, stage in self.breakers.items()
-            if isinstance(stage, BreakerStage) and config.upstreams[name].breaker.shared == "redis"
+            for stage in self.breakers.values()
+            if isinstance(stage, BreakerStage) and stage.config.shared == "redis"
         ]
         if shared and config.redis.url is not None:
             self.redis = RedisRunner.from_url(config.redis.url, timeout_s=config.redis.timeout_s)
@@ -85,7 +92,7 @@ class App:
             routes = {
                 id(route): RouteRuntime(
                     config=route,
-                    handler=build_pipeline(route, self.breakers[route.upstream]),
+                    handler=build_pipeline(route, self.breakers[self.breaker_name(route)]),
                     upstream_host=upstream_host(config.upstreams[route.upstream]),
                 )
                 for route in listener.routes
@@ -94,6 +101,10 @@ class App:
         self._accepting: trio.CancelScope | None = None
         self._connections: trio.CancelScope | None = None
         self.draining = False
+
+    @staticmethod
+    def breaker_name(route: RouteConfig) -> str:
+        return route.upstream if route.breaker is None else f"{route.upstream}/{route.name}"
 
     async def bind(self) -> list[list[trio.SocketListener]]:
         """Bind every listener, all or nothing (a port in use fails the whole start)."""

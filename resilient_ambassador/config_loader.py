@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from resilient_ambassador.core.config import (
+    FAILURE_ERROR_KINDS,
     BreakerConfig,
     ClientLimits,
     Config,
@@ -292,6 +293,10 @@ _BREAKER: _Schema = {
     "min_requests": ("min_requests", _At.whole_number),
     "window": ("window_s", _At.duration),
     "failure_statuses": ("failure_statuses", _At.statuses),
+    "failure_errors": (
+        "failure_errors",
+        lambda at: frozenset(i.choice(*sorted(FAILURE_ERROR_KINDS)) for i in at.items()),
+    ),
     "shared": ("shared", lambda at: at.choice("none", "redis")),
     "sync_interval": ("sync_interval_s", _At.duration),
 }
@@ -316,6 +321,7 @@ _ROUTE: _Schema = {
     "timeout": ("timeout_s", _At.duration),
     "deadline_header": ("deadline_header", _At.header_name),
     "retry": ("retry", lambda at: _retry(at)),
+    "breaker": ("breaker", lambda at: BreakerConfig(**_section(at, _BREAKER))),
 }
 _UPSTREAM: _Schema = {
     "host_header": ("host_header", _At.authority),
@@ -494,6 +500,7 @@ class _Builder:
                 "timeout",
                 "deadline_header",
                 "retry",
+                "breaker",
             ),
             ("upstream",),
             policies=True,

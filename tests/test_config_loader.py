@@ -1154,3 +1154,29 @@ def test_redis_url_is_checked_and_never_echoed() -> None:
     )
     assert message.startswith("ambassador.yaml:3: redis.url: expected a URL like redis://")
     assert "hunter2" not in message
+
+
+def test_route_breaker_and_failure_errors() -> None:
+    config = load(
+        """\
+        listeners:
+          - listen: 127.0.0.1:8000
+            routes:
+              - upstream: api
+                breaker: {failure_threshold: 2, failure_errors: [connect, timeout]}
+        upstreams: {api: {url: "http://127.0.0.1:9000"}}
+        """
+    )
+    breaker = config.listeners[0].routes[0].breaker
+    assert breaker is not None
+    assert breaker.failure_threshold == 2
+    assert breaker.failure_errors == frozenset({"connect", "timeout"})
+    assert error(
+        """\
+        listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
+        upstreams:
+          api:
+            url: http://127.0.0.1:9000
+            breaker: {failure_errors: [connect, boom]}
+        """
+    ).startswith("ambassador.yaml:5: upstreams.api.breaker.failure_errors[1]: expected one of: ")

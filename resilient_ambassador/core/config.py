@@ -81,6 +81,8 @@ class PoolConfig:
 # RFC 9110 9.2.2: methods whose repetition has the same intended effect; POST and PATCH are not.
 IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 DEFAULT_FAILURE_STATUSES: frozenset[int] = frozenset({502, 503, 504})
+# Upstream error kinds a breaker may count (see core.errors `failure_kind`).
+FAILURE_ERROR_KINDS: frozenset[str] = frozenset({"connect", "dns", "tls", "timeout", "bad_response"})
 
 
 @final
@@ -103,6 +105,7 @@ class BreakerConfig:
     min_requests: int = 10
     window_s: float = 10.0
     failure_statuses: frozenset[int] = DEFAULT_FAILURE_STATUSES
+    failure_errors: frozenset[str] = FAILURE_ERROR_KINDS
     # "redis": an open breaker is shared with every daemon using the same Redis (see
     # docs/shared-breaker.md); "none": this process only.
     shared: Literal["none", "redis"] = "none"
@@ -177,6 +180,9 @@ class RouteConfig:
     # beyond each attempt's timeouts.
     timeout_s: float | None = None
     retry: RetryConfig = field(default_factory=RetryConfig)
+    # A breaker of the route's own instead of the upstream's shared one (e.g. for one slow
+    # endpoint that should not cut off the rest of the API); None: the upstream's.
+    breaker: BreakerConfig | None = None
     # A client header that may shorten (never lengthen) the deadline, e.g. X-Request-Timeout;
     # None: ignored and stripped. Only for trusted clients.
     deadline_header: str | None = None

@@ -31,22 +31,29 @@ class ProxyError(Exception):
 class UpstreamError(ProxyError):
     """Anything that went wrong talking to the upstream (a candidate breaker failure)."""
 
+    # Which `breaker.failure_errors` entry this is; None: never the upstream's fault.
+    failure_kind: str | None = None
+
 
 class UpstreamConnectError(UpstreamError):
     reason = "upstream_connect_failed"
+    failure_kind = "connect"
 
 
 class UpstreamDNSError(UpstreamConnectError):
     reason = "upstream_dns_failed"
+    failure_kind = "dns"
 
 
 class UpstreamTLSError(UpstreamConnectError):
     reason = "upstream_tls_failed"
+    failure_kind = "tls"
 
 
 class UpstreamTimeout(UpstreamError):
     status = 504
     reason = "upstream_timeout"
+    failure_kind = "timeout"
 
 
 class UpstreamConnectTimeout(UpstreamTimeout):
@@ -57,6 +64,7 @@ class UpstreamProtocolError(UpstreamError):
     """The upstream broke HTTP/1.1 (garbage, bad framing, oversized head) or reset mid-way."""
 
     reason = "upstream_bad_response"
+    failure_kind = "bad_response"
 
 
 class UpstreamPoolTimeout(UpstreamError):

@@ -228,7 +228,7 @@ class BreakerStage:
             try:
                 response = await self._inner(request)
             except BaseException as exc:
-                self._settle(epoch, _classify_error(exc))
+                self._settle(epoch, _classify_error(exc, self.config.failure_errors))
                 raise
             outcome = (
                 _Outcome.FAILURE if response.status in self.config.failure_statuses else _Outcome.SUCCESS
@@ -325,8 +325,12 @@ def maybe_breaker(
     return BreakerStage(inner, config, name=name, listeners=listeners)
 
 
-def _classify_error(exc: BaseException) -> _Outcome:
-    if isinstance(exc, UpstreamError) and not isinstance(exc, NOT_UPSTREAM_FAULTS):
+def _classify_error(exc: BaseException, kinds: frozenset[str]) -> _Outcome:
+    if (
+        isinstance(exc, UpstreamError)
+        and not isinstance(exc, NOT_UPSTREAM_FAULTS)
+        and exc.failure_kind in kinds
+    ):
         return _Outcome.FAILURE
     return _Outcome.NOT_COUNTED
 

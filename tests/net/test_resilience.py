@@ -213,3 +213,22 @@ async def test_waiting_for_a_pool_slot_is_not_an_upstream_failure(nursery: trio.
     breaker_stage = daemon.app.breakers["up"]
     assert isinstance(breaker_stage, BreakerStage)
     assert breaker_stage.state == "closed"
+
+
+async def test_route_with_its_own_breaker_does_not_cut_off_the_others(nursery: trio.Nursery) -> None:
+    upstream = await start_fake_upstream(nursery)
+    routes = [
+        RouteConfig(upstream="up", prefix="/flaky", retry=RetryConfig(retries=0), breaker=BREAKER),
+        RouteConfig(upstream="up", retry=RetryConfig(retries=0)),
+    ]
+    config = simple_config(upstream_config(upstream.url(), breaker=BREAKER), routes=routes)
+    daemon = await start_daemon(nursery, config)
+    upstream.script(*[Reply(status=503)] * 3)
+
+    flaky = [(await http_request(daemon.port, "GET", "/flaky")).status for _ in range(3)]
+    refused = await http_request(daemon.port, "GET", "/flaky")
+    other = await http_request(daemon.port, "GET", "/other")
+
+    assert flaky == [503, 503, 503]
+    assert refused.header("x-ambassador-error") == "circuit_open"
+    assert other.status == 200  # the upstream's shared breaker saw none of /flaky's failures

@@ -527,3 +527,18 @@ async def test_stats_snapshot(autojump_clock: trio.testing.MockClock) -> None:
     assert (stats.successes, stats.failures, stats.not_counted, stats.rejected) == (2, 3, 1, 1)
     assert stats.opened == 1
     assert stats.probes_in_flight == 0
+
+
+async def test_failure_errors_choose_which_error_kinds_count(autojump_clock: trio.testing.MockClock) -> None:
+    timeouts = [UpstreamTimeout("slow", upstream="billing")] * 3
+    upstream = ScriptedUpstream(*timeouts, *[UpstreamConnectError("refused", upstream="billing")] * 3)
+    stage = make(upstream, failure_errors=frozenset({"connect"}))
+
+    for _ in range(3):
+        with pytest.raises(UpstreamTimeout):
+            await stage(REQUEST)
+    assert stage.state == "closed"  # timeouts are not counted here
+    for _ in range(3):
+        with pytest.raises(UpstreamConnectError):
+            await stage(REQUEST)
+    assert stage.state == "open"
