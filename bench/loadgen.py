@@ -106,11 +106,15 @@ def run_load(
     generator: GeneratorName,
     on_measure_start: Callable[[], None] | None = None,
     on_measure_end: Callable[[], None] | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> LoadResult:
-    """Run one closed-loop load; the callbacks bracket the measured window (for CPU sampling)."""
+    """Run one closed-loop load; `on_measure_start` and `on_measure_end` bracket the measured
+    window (for CPU sampling). `on_ready` is called once the generator is set up, right before
+    the warm-up starts: loads run at the same time can wait for each other there, so that
+    their warm-ups, and so their measured windows, start together."""
     if generator == "wrk":
-        return _run_wrk(spec, on_measure_start, on_measure_end)
-    return _run_builtin(spec, on_measure_start, on_measure_end)
+        return _run_wrk(spec, on_measure_start, on_measure_end, on_ready)
+    return _run_builtin(spec, on_measure_start, on_measure_end, on_ready)
 
 
 # --- wrk ----------------------------------------------------------------------------------
@@ -177,7 +181,10 @@ def _run_wrk(
     spec: LoadSpec,
     on_measure_start: Callable[[], None] | None,
     on_measure_end: Callable[[], None] | None,
+    on_ready: Callable[[], None] | None,
 ) -> LoadResult:
+    if on_ready is not None:
+        on_ready()
     warmup_errors = dict.fromkeys(ERROR_KINDS, 0)
     if spec.warmup_s > 0:
         warmup_errors = _wrk_once(spec, spec.warmup_s).errors
@@ -376,6 +383,7 @@ def _run_builtin(
     spec: LoadSpec,
     on_measure_start: Callable[[], None] | None,
     on_measure_end: Callable[[], None] | None,
+    on_ready: Callable[[], None] | None,
 ) -> LoadResult:
     processes = max(min(spec.processes, spec.connections), 1)
     shares = [spec.connections // processes + (i < spec.connections % processes) for i in range(processes)]
@@ -391,6 +399,8 @@ def _run_builtin(
             workers.append((worker, parent_end))
         for _process, control in workers:
             _expect(control, "ready", 30.0)
+        if on_ready is not None:
+            on_ready()
         start_at = time.monotonic() + 0.05
         for _process, control in workers:
             control.send(start_at)

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import IO, final
 
@@ -109,6 +109,18 @@ class ServerProcess:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
+    def pin(self, cpus: Collection[int]) -> None:
+        """Restrict every thread of the process to `cpus` (Linux). Threads started later inherit
+        the mask of the thread that starts them, so pinning right after the start and again once
+        the server is ready covers them all."""
+        try:
+            tids = sorted(int(tid) for tid in os.listdir(f"/proc/{self.pid}/task"))
+        except OSError:
+            tids = [self.pid]
+        for tid in [self.pid, *(t for t in tids if t != self.pid)]:  # the main thread first
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(tid, cpus)
+
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> int:
         """SIGTERM, wait, SIGKILL if needed; returns the exit code (negative: killed by signal)."""
         if self._proc.poll() is None:
@@ -132,15 +144,27 @@ class ServerProcess:
         self._stderr.close()
 
 
+def can_pin() -> bool:
+    return hasattr(os, "sched_setaffinity") and hasattr(os, "sched_getaffinity")
+
+
 def start_server(
-    name: str, argv_for_port: Callable[[int], Sequence[str]], timeout_s: float = READY_TIMEOUT_S
+    name: str,
+    argv_for_port: Callable[[int], Sequence[str]],
+    timeout_s: float = READY_TIMEOUT_S,
+    cpus: Collection[int] | None = None,
 ) -> ServerProcess:
-    """Start a server on a free port and wait until it accepts connections."""
+    """Start a server on a free port and wait until it accepts connections; with `cpus`, the
+    server runs on those CPUs only (Linux; see `can_pin`)."""
     for attempt in range(PORT_ATTEMPTS):
         port = free_port()
         server = ServerProcess(name, argv_for_port(port), port)
         try:
+            if cpus is not None:
+                server.pin(cpus)  # before the interpreter has started any thread of its own
             server.wait_ready(timeout_s)
+            if cpus is not None:
+                server.pin(cpus)  # and any thread it started in the meantime
         except ServerFailed as exc:
             stderr = server.stderr_text()
             server.close()
