@@ -275,17 +275,18 @@ class UpstreamBody:
                     f"bad response body: {describe_parse_error(str(exc))}", upstream=self._upstream
                 ) from None
             if event is h11.NEED_DATA:
-                try:
-                    with trio.fail_after(self._read_idle_s):
+                data = None
+                with trio.CancelScope(deadline=trio.current_time() + self._read_idle_s):
+                    try:
                         data = await self._conn.stream.receive_some(RECEIVE_BYTES)
-                except trio.TooSlowError:
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        raise UpstreamProtocolError(
+                            "upstream reset the connection mid-body", upstream=self._upstream
+                        ) from None
+                if data is None:
                     raise UpstreamTimeout(
                         f"response body stalled for {self._read_idle_s:g}s", upstream=self._upstream
-                    ) from None
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    raise UpstreamProtocolError(
-                        "upstream reset the connection mid-body", upstream=self._upstream
-                    ) from None
+                    )
                 h.receive_data(bytes(data))
                 continue
             if isinstance(event, h11.Data):
@@ -361,8 +362,11 @@ class UpstreamClient:
         try:
             try:
                 await self._send_request(conn, outgoing, body)
-                with trio.fail_after(self.config.timeouts.response_s):
+                response = None
+                with trio.CancelScope(deadline=trio.current_time() + self.config.timeouts.response_s):
                     response = await self._receive_head(conn)
+                if response is None:
+                    raise trio.TooSlowError
             except _PeerClosed as exc:
                 if exc.got_bytes or not reused:
                     raise UpstreamProtocolError("upstream closed the connection", upstream=name) from None
@@ -429,15 +433,15 @@ class UpstreamClient:
     async def _send(self, conn: UpstreamConnection, data: bytes) -> None:
         """Write to the upstream; one that stops reading for `read_idle_s` is given up on."""
         timeout_s = self.config.timeouts.read_idle_s
-        try:
-            with trio.fail_after(timeout_s):
+        with trio.CancelScope(deadline=trio.current_time() + timeout_s):  # bare: hot path
+            try:
                 await conn.stream.send_all(data)
-        except trio.TooSlowError:
-            raise UpstreamTimeout(
-                f"upstream stopped reading the request for {timeout_s:g}s", upstream=self.config.name
-            ) from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise _PeerClosed(False) from None
+                return
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                raise _PeerClosed(False) from None
+        raise UpstreamTimeout(
+            f"upstream stopped reading the request for {timeout_s:g}s", upstream=self.config.name
+        )
 
     async def _receive_head(self, conn: UpstreamConnection) -> h11.Response:
         h = conn.h11

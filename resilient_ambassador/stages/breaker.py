@@ -164,6 +164,10 @@ class BreakerStage:
         self._not_counted = 0
         self._rejected = 0
         self._opened = 0
+        # With only our own listeners, a success on a closed breaker with no failure streak
+        # changes nothing in pybreaker (counter 0 -> 0, no transition), so it can skip pybreaker
+        # on the hot path; an extra listener may want its `success` callback, so not then.
+        self._quiet_success_shortcut = not listeners
         self._breaker = pybreaker.CircuitBreaker(
             fail_max=config.failure_threshold,
             reset_timeout=config.reset_timeout_s,
@@ -283,6 +287,13 @@ class BreakerStage:
             self._successes += 1
         if epoch != self._epoch:
             return  # admitted under an earlier state: its verdict is stale
+        if (
+            not failed
+            and self._quiet_success_shortcut
+            and self._breaker.fail_counter == 0
+            and self._breaker.current_state == pybreaker.STATE_CLOSED
+        ):
+            return
         self._breaker.fail_max = (
             self.config.failure_threshold if self._window.satisfied(now) else _UNREACHABLE_FAIL_MAX
         )

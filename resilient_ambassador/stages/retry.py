@@ -162,6 +162,8 @@ class RetryStage:
             # would catch the cancellation first and the breaker would never see a timeout.
             deadline = min(deadline, per_try_deadline + PER_TRY_BACKSTOP_S)
             request = dataclasses.replace(request, deadline=per_try_deadline)
+        if deadline == math.inf:
+            return await self._inner(request)  # no deadline: a cancel scope would never fire
         with trio.CancelScope(deadline=deadline):
             return await self._inner(request)
         if deadline < state.deadline:
