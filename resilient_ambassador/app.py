@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import final
 
@@ -13,7 +14,9 @@ import trio
 
 from resilient_ambassador.core.config import Config, RouteConfig, UpstreamConfig
 from resilient_ambassador.core.messages import Handler
+from resilient_ambassador.core.redact import Json, config_document
 from resilient_ambassador.core.retry import RetryBudget
+from resilient_ambassador.net.admin import AdminServer, Readiness
 from resilient_ambassador.net.server import HttpServer, RouteRuntime
 from resilient_ambassador.net.upstream import ConnectionPool, UpstreamClient
 from resilient_ambassador.secrets import SecretResolver
@@ -53,6 +56,20 @@ def build_pipeline(route: RouteConfig, upstream: Handler) -> Handler:
             upstream=route.upstream,
         )
     return handler
+
+
+@final
+@dataclass
+class BoundListeners:
+    """Sockets bound before serving: one list per data listener, and the admin listener's."""
+
+    data: list[list[trio.SocketListener]]
+    admin: list[trio.SocketListener] = field(default_factory=list)
+
+    def close(self) -> None:
+        for listeners in (*self.data, self.admin):
+            for listener in listeners:
+                listener.socket.close()
 
 
 @final
@@ -98,34 +115,44 @@ class App:
                 for route in listener.routes
             }
             self.servers.append(HttpServer(listener, routes))
+        self.admin = (
+            AdminServer(readiness=self.readiness, stats=self.stats, config=self.config_document)
+            if config.admin.enabled
+            else None
+        )
+        self.admin_addresses: list[tuple[str, int]] = []
         self._accepting: trio.CancelScope | None = None
         self._connections: trio.CancelScope | None = None
+        self._serving = False
+        self._started_at: float | None = None
         self.draining = False
 
     @staticmethod
     def breaker_name(route: RouteConfig) -> str:
         return route.upstream if route.breaker is None else f"{route.upstream}/{route.name}"
 
-    async def bind(self) -> list[list[trio.SocketListener]]:
-        """Bind every listener, all or nothing (a port in use fails the whole start)."""
-        bound: list[list[trio.SocketListener]] = []
+    async def bind(self) -> BoundListeners:
+        """Bind every listener and the admin listener, all or nothing (a port in use fails
+        the whole start)."""
+        bound = BoundListeners([])
         try:
             for server in self.servers:
-                bound.append(
+                bound.data.append(
                     await trio.open_tcp_listeners(
                         server.config.port, host=server.config.host, backlog=LISTEN_BACKLOG
                     )
                 )
+            if self.admin is not None:
+                admin = self.config.admin
+                bound.admin = await trio.open_tcp_listeners(admin.port, host=admin.host)
         except BaseException:
-            for listeners in bound:
-                for listener in listeners:
-                    listener.socket.close()
+            bound.close()
             raise
         return bound
 
     async def serve(
         self,
-        bound: list[list[trio.SocketListener]] | None = None,
+        bound: BoundListeners | None = None,
         *,
         task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -134,20 +161,27 @@ class App:
         if bound is None:
             bound = await self.bind()
         addresses: list[tuple[str, int]] = [
-            listener.socket.getsockname()[:2] for listeners in bound for listener in listeners
+            listener.socket.getsockname()[:2] for listeners in bound.data for listener in listeners
         ]
+        self.admin_addresses = [listener.socket.getsockname()[:2] for listener in bound.admin]
+        self._started_at = trio.current_time()
         try:
+            # The admin listener runs in the background nursery, which outlives the data
+            # connections: /readyz keeps answering 503 through the whole drain, and the admin
+            # listener closes last.
             async with trio.open_nursery() as background:
                 if self.breaker_sync is not None:
                     await background.start(self.breaker_sync.run)
-                await self._serve_connections(bound, addresses, task_status)
+                if self.admin is not None and bound.admin:
+                    background.start_soon(trio.serve_listeners, self.admin.handle_connection, bound.admin)
+                    log.info("admin listener on %s", ", ".join(_address(lst) for lst in bound.admin))
+                await self._serve_connections(bound.data, addresses, task_status)
                 background.cancel_scope.cancel()
         finally:
+            self._serving = False
             for pool in self.pools.values():
                 pool.close_idle()
-            for listeners in bound:
-                for listener in listeners:
-                    listener.socket.close()
+            bound.close()
             if self.redis is not None:
                 with trio.CancelScope(shield=True):
                     await self.redis.aclose()
@@ -179,9 +213,64 @@ class App:
                         ", ".join(_address(listener) for listener in listeners),
                         len(server.config.routes),
                     )
+                self._serving = True
                 task_status.started(addresses)
         if connections.cancelled_caught:
             log.warning("grace period over: closed the connections still open")
+
+    def readiness(self) -> Readiness:
+        if self.draining:
+            return "draining"
+        return "ready" if self._serving else "starting"
+
+    def config_document(self) -> dict[str, Json]:
+        """The effective config, secrets redacted (see core.redact)."""
+        return config_document(self.config)
+
+    def stats(self) -> dict[str, Json]:
+        """The admin /stats document: counters since start, read without any I/O."""
+        now = trio.current_time()
+        listeners: dict[str, Json] = {}
+        for server in self.servers:
+            listeners[server.config.name] = {
+                "open_connections": server.open_connections,
+                "requests": server.requests,
+                "responses": {f"{n}xx": server.responses[n] for n in range(1, 6)},
+            }
+        upstreams: dict[str, Json] = {
+            name: {"in_use": pool.in_use, "idle": pool.idle_count, "opened": pool.connections_opened}
+            for name, pool in self.pools.items()
+        }
+        breakers: dict[str, Json] = {
+            name: dict(asdict(stage.stats()))
+            for name, stage in self.breakers.items()
+            if isinstance(stage, BreakerStage)
+        }
+        shared: Json = None
+        if self.breaker_sync is not None and self.redis is not None:
+            sync, redis = self.breaker_sync, self.redis
+            shared = {
+                "replica_id": sync.replica_id,
+                "published": sync.published,
+                "cleared": sync.cleared,
+                "forced_opens": sync.forced_opens,
+                "sync_errors": sync.sync_errors,
+                "redis": {
+                    "healthy": redis.healthy,
+                    "calls": redis.calls,
+                    "failures": redis.failures,
+                    "skipped": redis.skipped,
+                },
+            }
+        return {
+            "ready": self.readiness() == "ready",
+            "draining": self.draining,
+            "uptime_s": round(now - self._started_at, 3) if self._started_at is not None else 0.0,
+            "listeners": listeners,
+            "upstreams": upstreams,
+            "breakers": breakers,
+            "shared_breaker": shared,
+        }
 
     def drain(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, close idle
@@ -190,7 +279,7 @@ class App:
             return
         self.draining = True
         grace_s = self.config.drain.grace_period_s
-        log.info("draining: no new connections; in-flight requests have %gs", grace_s)
+        log.info("draining: no new connections, /readyz answers 503; in-flight requests have %gs", grace_s)
         if self._accepting is not None:
             self._accepting.cancel()
         for server in self.servers:

@@ -19,12 +19,13 @@ import trio
 from resilient_ambassador import __version__
 from resilient_ambassador.config_loader import (
     ConfigError,
+    admin_clash,
     config_from_flags,
     load_config,
     parse_listen_address,
     parse_redis_url,
 )
-from resilient_ambassador.core.config import Config, TLSConfig
+from resilient_ambassador.core.config import AdminConfig, Config, TLSConfig
 from resilient_ambassador.core.units import parse_duration
 from resilient_ambassador.secrets import SecretResolver
 
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="share state through this Redis (redis://host:6379/0): open breakers for now",
     )
+    run.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="admin listener for /healthz, /readyz, /stats, /config (default 127.0.0.1:9901; "
+        "never a data port)",
+    )
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"])
 
@@ -115,7 +122,20 @@ def config_for_run(args: argparse.Namespace, resolver: SecretResolver) -> Config
         config = config_from_flags(args.listen or DEFAULT_LISTEN, args.upstream, args.header, resolver)
     else:
         config = _override_file_config(load_config(args.config, resolver), args, resolver)
-    return _apply_policy_flags(config, args)
+    config = _apply_policy_flags(config, args)
+    if args.admin is not None:
+        try:
+            host, port = parse_listen_address(args.admin)
+        except ValueError as exc:
+            raise ConfigError(f"--admin {args.admin!r}: {exc}") from None
+        config = dataclasses.replace(config, admin=AdminConfig(enabled=True, host=host, port=port))
+    if (clash := admin_clash(config)) is not None:
+        admin = config.admin
+        raise ConfigError(
+            f"the admin listener ({admin.host}:{admin.port}) would share listener {clash.name}'s "
+            "address; give --admin another HOST:PORT"
+        )
+    return config
 
 
 def _apply_policy_flags(config: Config, args: argparse.Namespace) -> Config:

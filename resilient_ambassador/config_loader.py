@@ -24,6 +24,7 @@ import yaml
 
 from resilient_ambassador.core.config import (
     FAILURE_ERROR_KINDS,
+    AdminConfig,
     BreakerConfig,
     ClientLimits,
     Config,
@@ -416,6 +417,30 @@ def parse_listen_address(text: str) -> tuple[str, int]:
     return host, port
 
 
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", ""})
+
+
+def addresses_overlap(a: tuple[str, int], b: tuple[str, int]) -> bool:
+    """Whether two listen addresses would take the same port: equal hosts, or either one a
+    wildcard. Port 0 asks the OS for a free port, so it never overlaps."""
+    (host_a, port_a), (host_b, port_b) = a, b
+    if port_a == 0 or port_a != port_b:
+        return False
+    host_a, host_b = host_a.lower(), host_b.lower()
+    return host_a == host_b or host_a in _WILDCARD_HOSTS or host_b in _WILDCARD_HOSTS
+
+
+def admin_clash(config: Config) -> ListenerConfig | None:
+    """The data listener whose address the admin listener would share, if any."""
+    admin = config.admin
+    if not admin.enabled:
+        return None
+    for listener in config.listeners:
+        if addresses_overlap((admin.host, admin.port), (listener.host, listener.port)):
+            return listener
+    return None
+
+
 def parse_upstream_url(text: str) -> UpstreamURL:
     """An `http://` or `https://` URL; its path becomes the base path. Messages never echo
     the URL: it may carry credentials."""
@@ -456,7 +481,7 @@ class _Builder:
         self._route_names: dict[str, _At] = {}
 
     def config(self, root: _At) -> Config:
-        found = root.fields(("listeners", "upstreams", "drain", "redis"), ("listeners", "upstreams"))
+        found = root.fields(("listeners", "upstreams", "drain", "redis", "admin"), ("listeners", "upstreams"))
         redis = RedisConfig(**_section(found.get("redis"), _REDIS))
         # Upstreams first, so routes can be checked against them.
         for name, at in found["upstreams"].entries():
@@ -469,7 +494,33 @@ class _Builder:
             for name, at in found["upstreams"].entries():
                 if self._upstreams[name].breaker.shared == "redis":
                     raise at.error("breaker.shared is redis but the config has no redis.url")
-        return Config(listeners, self._upstreams, drain, root.source, redis)
+        admin = self._admin(found.get("admin"))
+        return Config(listeners, self._upstreams, drain, root.source, redis, admin)
+
+    def _admin(self, at: _At | None) -> AdminConfig:
+        """`admin: {listen: HOST:PORT, enabled: false}`; refused on a data listener's address."""
+        found = at.fields(("enabled", "listen")) if at is not None else {}
+        admin = AdminConfig()
+        if "enabled" in found:
+            admin = AdminConfig(enabled=found["enabled"].boolean())
+        listen = found.get("listen")
+        if listen is not None:
+            host, port = listen.parsed(parse_listen_address, "HOST:PORT")
+            admin = AdminConfig(admin.enabled, host, port)
+        if not admin.enabled:
+            return admin
+        for (host, port), data in self._addresses.items():
+            if addresses_overlap((admin.host, admin.port), (host, port)):
+                if listen is None:
+                    raise data.error(
+                        f"the admin listener uses {admin.host}:{admin.port} by default; "
+                        "set admin.listen to another address"
+                    )
+                raise listen.error(
+                    f"same address as {data.path} (line {data.line}); "
+                    "the admin listener never shares a data port"
+                )
+        return admin
 
     def _listener(self, at: _At, index: int) -> ListenerConfig:
         found = at.fields(("name", "listen", "protocol", "limits", "routes"), ("listen", "routes"))

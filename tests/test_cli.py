@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from resilient_ambassador import __version__
 from resilient_ambassador.cli import build_parser, config_for_run
+from resilient_ambassador.config_loader import ConfigError
 from resilient_ambassador.secrets import SecretResolver
 from tests.support.client import http_request
 from tests.support.upstream import echo, parse_echo, start_fake_upstream
@@ -90,7 +93,15 @@ def test_port_in_use_is_a_runtime_failure() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = _run("run", "--listen", f"127.0.0.1:{port}", "--upstream", "http://127.0.0.1:9")
+        result = _run(
+            "run",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--admin",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9",
+        )
     assert result.returncode == 1
     assert "cannot start" in result.stderr
 
@@ -100,6 +111,7 @@ async def test_one_liner_injects_secret_and_drains_on_sigterm(nursery: trio.Nurs
     secret_file = tmp_path / "api-key"
     secret_file.write_text(CANARY + "\n")
     port = _free_port()
+    admin_port = _free_port()
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
@@ -108,6 +120,8 @@ async def test_one_liner_injects_secret_and_drains_on_sigterm(nursery: trio.Nurs
                 "run",
                 "--listen",
                 f"127.0.0.1:{port}",
+                "--admin",
+                f"127.0.0.1:{admin_port}",
                 "--upstream",
                 upstream.url(),
                 "--header",
@@ -120,6 +134,8 @@ async def test_one_liner_injects_secret_and_drains_on_sigterm(nursery: trio.Nurs
         try:
             await _wait_listening(port, process)
             response = await http_request(port, "GET", "/hello", headers=[("X-Api-Key", "app-guess")])
+            healthz = await http_request(admin_port, "GET", "/healthz")
+            config_doc = await http_request(admin_port, "GET", "/config")
             cmdline = await trio.Path(f"/proc/{process.pid}/cmdline").read_bytes()
             process.send_signal(signal.SIGTERM)
             with trio.fail_after(10):
@@ -133,9 +149,14 @@ async def test_one_liner_injects_secret_and_drains_on_sigterm(nursery: trio.Nurs
     seen = parse_echo(response.body)
     assert [v for k, v in seen["headers"] if k == "x-api-key"] == [CANARY]
     assert CANARY.encode() not in cmdline
+    assert (healthz.status, healthz.body) == (200, b"ok\n")
+    assert config_doc.status == 200
+    assert CANARY.encode() not in config_doc.body
+    assert b"${file:" in config_doc.body
     assert returncode == 0
     log = stderr_path.read_text()
     assert "SIGTERM received" in log
+    assert f"admin listener on 127.0.0.1:{admin_port}" in log
     assert CANARY not in log
 
 
@@ -178,3 +199,28 @@ def test_redis_flag_shares_every_breaker() -> None:
     config = config_for_run(args, SecretResolver())
     assert config.redis.url == "redis://127.0.0.1:6379/0"
     assert config.upstreams["default"].breaker.shared == "redis"
+
+
+def test_admin_flag_sets_the_admin_listener() -> None:
+    args = build_parser().parse_args(["run", "--upstream", "http://127.0.0.1:9", "--admin", "0.0.0.0:9911"])
+    admin = config_for_run(args, SecretResolver()).admin
+    assert (admin.enabled, admin.host, admin.port) == (True, "0.0.0.0", 9911)
+    default = config_for_run(
+        build_parser().parse_args(["run", "--upstream", "http://127.0.0.1:9"]), SecretResolver()
+    )
+    assert (default.admin.host, default.admin.port) == ("127.0.0.1", 9901)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--listen", "127.0.0.1:8000", "--admin", "127.0.0.1:8000"], "would share listener main's address"),
+        (["--listen", "0.0.0.0:8000", "--admin", "127.0.0.1:8000"], "would share listener main's address"),
+        (["--listen", "127.0.0.1:9901"], "would share listener main's address"),
+        (["--admin", "nowhere"], "--admin 'nowhere': expected HOST:PORT"),
+    ],
+)
+def test_admin_on_a_data_port_is_a_usage_error(flags: list[str], message: str) -> None:
+    args = build_parser().parse_args(["run", "--upstream", "http://127.0.0.1:9", *flags])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_for_run(args, SecretResolver())

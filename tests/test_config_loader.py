@@ -16,6 +16,7 @@ from resilient_ambassador.config_loader import (
     parse_upstream_url,
 )
 from resilient_ambassador.core.config import (
+    AdminConfig,
     BreakerConfig,
     ClientLimits,
     Config,
@@ -246,9 +247,9 @@ ERRORS = {
         """\
         listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
         upstreams: {api: {url: "http://127.0.0.1:9000"}}
-        admin: {listen: 127.0.0.1:9901}
+        stats: {listen: 127.0.0.1:9902}
         """,
-        "ambassador.yaml:3: admin: unknown key (expected one of: listeners, upstreams, drain, redis)",
+        "ambassador.yaml:3: stats: unknown key (expected one of: listeners, upstreams, drain, redis, admin)",
     ),
     "listeners not a list": (
         """\
@@ -1180,3 +1181,94 @@ def test_route_breaker_and_failure_errors() -> None:
             breaker: {failure_errors: [connect, boom]}
         """
     ).startswith("ambassador.yaml:5: upstreams.api.breaker.failure_errors[1]: expected one of: ")
+
+
+def test_admin_section() -> None:
+    default = load(
+        """\
+        listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
+        upstreams: {api: {url: "http://127.0.0.1:9000"}}
+        """
+    )
+    assert default.admin == AdminConfig(enabled=True, host="127.0.0.1", port=9901)
+    moved = load(
+        """\
+        listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
+        upstreams: {api: {url: "http://127.0.0.1:9000"}}
+        admin: {listen: "[::1]:9000"}
+        """
+    )
+    assert moved.admin == AdminConfig(enabled=True, host="::1", port=9000)
+    off = load(
+        """\
+        listeners: [{listen: 127.0.0.1:9901, routes: [{upstream: api}]}]
+        upstreams: {api: {url: "http://127.0.0.1:9000"}}
+        admin: {enabled: false}
+        """
+    )
+    assert off.admin.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            """\
+            listeners:
+              - listen: 127.0.0.1:8000
+                routes: [{upstream: api}]
+            upstreams: {api: {url: "http://127.0.0.1:9000"}}
+            admin:
+              listen: 127.0.0.1:8000
+            """,
+            "ambassador.yaml:6: admin.listen: same address as listeners[0].listen (line 2); "
+            "the admin listener never shares a data port",
+        ),
+        (
+            """\
+            listeners: [{listen: 0.0.0.0:8000, routes: [{upstream: api}]}]
+            upstreams: {api: {url: "http://127.0.0.1:9000"}}
+            admin: {listen: 127.0.0.1:8000}
+            """,
+            "ambassador.yaml:3: admin.listen: same address as listeners[0].listen (line 1); "
+            "the admin listener never shares a data port",
+        ),
+        (
+            """\
+            listeners: [{listen: 127.0.0.1:9901, routes: [{upstream: api}]}]
+            upstreams: {api: {url: "http://127.0.0.1:9000"}}
+            """,
+            "ambassador.yaml:1: listeners[0].listen: the admin listener uses 127.0.0.1:9901 by default; "
+            "set admin.listen to another address",
+        ),
+        (
+            """\
+            listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
+            upstreams: {api: {url: "http://127.0.0.1:9000"}}
+            admin: {listen: off}
+            """,
+            "ambassador.yaml:3: admin.listen: expected HOST:PORT",
+        ),
+        (
+            """\
+            listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
+            upstreams: {api: {url: "http://127.0.0.1:9000"}}
+            admin: {enabled: no}
+            """,
+            "ambassador.yaml:3: admin.enabled: expected one of: true, false",
+        ),
+    ],
+)
+def test_admin_errors(text: str, message: str) -> None:
+    assert error(textwrap.dedent(text)).startswith(message)
+
+
+def test_admin_port_zero_never_clashes() -> None:
+    config = load(
+        """\
+        listeners: [{listen: 127.0.0.1:0, routes: [{upstream: api}]}]
+        upstreams: {api: {url: "http://127.0.0.1:9000"}}
+        admin: {listen: 127.0.0.1:0}
+        """
+    )
+    assert config.admin.port == 0

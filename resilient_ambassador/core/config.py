@@ -224,9 +224,22 @@ class DrainConfig:
 
 @final
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin listener (/healthz, /readyz, /stats, /config). Never on a data port."""
+
+    enabled: bool = True
+    # Loopback by default: /stats and /config describe the deployment and must not be
+    # reachable from outside the pod unless someone asks for it. 9901 is Envoy's admin port.
+    host: str = "127.0.0.1"
+    port: int = 9901
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     upstreams: dict[str, UpstreamConfig]
     drain: DrainConfig = field(default_factory=DrainConfig)
     source: str = "<flags>"  # the file it came from, for messages
     redis: RedisConfig = field(default_factory=RedisConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)

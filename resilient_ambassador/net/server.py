@@ -100,8 +100,15 @@ class HttpServer:
         self.routes = routes  # keyed by id(RouteConfig)
         self.draining = False
         self.open_connections = 0
+        # Totals for the admin /stats: requests whose head was read, responses by status class
+        # (index 1..5 = 1xx..5xx; 100 Continue is not counted).
+        self.requests = 0
+        self.responses = [0] * 6
         self._idle_scopes: set[trio.CancelScope] = set()
         self.log_throttle = LogThrottle()
+
+    def count_response(self, status: int) -> None:
+        self.responses[min(status // 100, 5)] += 1
 
     def start_drain(self) -> None:
         self.draining = True
@@ -339,6 +346,7 @@ class ClientConnection:
     async def _serve(self, event: h11.Request) -> bool:
         """Serve one request; True when the connection may carry another."""
         self.requests_served += 1
+        self.server.requests += 1
         try:
             request, route = self._build_request(event)
         except ClientError:
@@ -374,6 +382,7 @@ class ClientConnection:
                 out = h.send(
                     h11.Response(status_code=response.status, headers=headers, reason=response.reason)
                 )
+                self.server.count_response(response.status)
                 body = response.body
                 if not body.ready():
                     await self.send(out)
@@ -428,6 +437,7 @@ class ClientConnection:
         head = [b"HTTP/1.1 %d %s" % (error.status, HTTPStatus(error.status).phrase.encode())]
         head.extend(name + b": " + value for name, value in error_headers(error, body))
         head.append(b"connection: close")
+        self.server.count_response(error.status)
         try:
             await self.send(b"\r\n".join(head) + b"\r\n\r\n" + body)
         except ClientGone:

@@ -171,6 +171,13 @@ async def _shared_breaker_scenario(nursery: trio.Nursery, stack: contextlib.Exit
 
     assert refused.header("x-ambassador-error") == "circuit_open"
     assert len(upstream.received) == 3  # only A's requests ever reached the upstream
+    # The admin /stats shows the sync and Redis health, never the Redis URL.
+    stats = json.loads((await http_request(pod_a.admin_port, "GET", "/stats")).body)
+    shared = stats["shared_breaker"]
+    assert shared["published"] >= 1
+    assert shared["redis"]["healthy"] is True
+    assert set(shared) == {"replica_id", "published", "cleared", "forced_opens", "sync_errors", "redis"}
+    assert stats["breakers"]["up"]["state"] == "open"
 
 
 async def test_route_deadline_applies_without_retries(nursery: trio.Nursery) -> None:

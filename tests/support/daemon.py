@@ -11,6 +11,7 @@ import trio
 from resilient_ambassador.app import App
 from resilient_ambassador.config_loader import parse_upstream_url
 from resilient_ambassador.core.config import (
+    AdminConfig,
     BreakerConfig,
     ClientLimits,
     Config,
@@ -27,6 +28,8 @@ from resilient_ambassador.secrets import SecretResolver
 # Forwarding tests see each attempt as it is; resilience tests opt in to the policies.
 NO_BREAKER = BreakerConfig(enabled=False)
 NO_RETRY = RetryConfig(retries=0)
+# Tests run in parallel: the admin listener takes an ephemeral port, never the fixed default.
+TEST_ADMIN = AdminConfig(port=0)
 
 
 def upstream_config(url: str, name: str = "up", **fields: Any) -> UpstreamConfig:
@@ -44,8 +47,10 @@ def simple_config(
     extra_upstreams: Sequence[UpstreamConfig] = (),
     grace_period_s: float = 5.0,
     retry: RetryConfig | None = None,
+    admin: AdminConfig = TEST_ADMIN,
 ) -> Config:
-    """One listener on an ephemeral port; its default route has no retries unless `retry=`."""
+    """One listener on an ephemeral port, the admin listener on another; the default route
+    has no retries unless `retry=`."""
     return Config(
         listeners=(
             ListenerConfig(
@@ -60,6 +65,7 @@ def simple_config(
         ),
         upstreams={u.name: u for u in (upstream, *extra_upstreams)},
         drain=DrainConfig(grace_period_s=grace_period_s),
+        admin=admin,
     )
 
 
@@ -69,10 +75,16 @@ class RunningDaemon:
     app: App
     port: int
 
+    @property
+    def admin_port(self) -> int:
+        return self.app.admin_addresses[0][1]
+
 
 async def start_daemon(
     nursery: trio.Nursery, config: Config, secrets: SecretResolver | None = None
 ) -> RunningDaemon:
+    # A fixed admin port would make parallel tests clash; see TEST_ADMIN.
+    assert not config.admin.enabled or config.admin.port == 0, "tests must use admin port 0"
     app = App(config, secrets)
     addresses: list[tuple[str, int]] = await nursery.start(app.serve)
     return RunningDaemon(app=app, port=addresses[0][1])

@@ -1,0 +1,174 @@
+"""The admin listener: a small h11 server for /healthz, /readyz, /stats and /config.
+
+It never forwards anything: every answer is built from the callbacks the app hands it. It is
+deliberately stingy, since it shares the process with the data path: one request per
+connection (`Connection: close`), a small head limit, one short deadline for the whole
+exchange, GET and HEAD only, and a cap on concurrent connections.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from http import HTTPStatus
+from typing import Literal, final
+
+import h11
+import trio
+
+from resilient_ambassador.core.errors import ClientError, describe_parse_error
+from resilient_ambassador.core.messages import Headers
+from resilient_ambassador.net.server import error_headers
+
+log = logging.getLogger("resilient_ambassador.admin")
+
+# Admin requests are a path and a few headers; 8 KiB is h11's own order of magnitude and
+# leaves nothing for a slowloris to fill.
+ADMIN_HEAD_BYTES = 8 * 1024
+# The whole exchange (read the head, answer, close) must fit in this: probes and scrapers
+# answer in milliseconds, and a stuck client must not hold a slot.
+ADMIN_TIMEOUT_S = 5.0
+MAX_ADMIN_CONNECTIONS = 64
+RECEIVE_BYTES = 16 * 1024
+LINGER_S = 0.5
+LINGER_BYTES = 64 * 1024
+
+Readiness = Literal["starting", "ready", "draining"]
+Document = Callable[[], Mapping[str, object]]
+
+
+@final
+class AdminServer:
+    """Answers admin requests from three callbacks: readiness, the stats document and the
+    (already redacted) config document."""
+
+    def __init__(self, *, readiness: Callable[[], Readiness], stats: Document, config: Document) -> None:
+        self._readiness = readiness
+        self._stats = stats
+        self._config = config
+        self.open_connections = 0
+
+    async def handle_connection(self, stream: trio.SocketStream) -> None:
+        if self.open_connections >= MAX_ADMIN_CONNECTIONS:
+            stream.socket.close()
+            return
+        self.open_connections += 1
+        try:
+            with trio.move_on_after(ADMIN_TIMEOUT_S):
+                await self._exchange(stream)
+        finally:
+            self.open_connections -= 1
+            stream.socket.close()
+
+    def answer(self, method: bytes, target: bytes) -> tuple[int, Headers, bytes]:
+        """Status, headers and body for one request (the body even for HEAD: h11 drops it)."""
+        if method not in (b"GET", b"HEAD"):
+            status, headers, body = _error(405, "method_not_allowed", "the admin API is read-only")
+            return status, [*headers, (b"allow", b"GET, HEAD")], body
+        path = target.split(b"?", 1)[0]
+        if path == b"/healthz":
+            return _text(200, "ok")
+        if path == b"/readyz":
+            state = self._readiness()
+            return _text(200 if state == "ready" else 503, state)
+        if path == b"/stats":
+            return _json(self._stats())
+        if path == b"/config":
+            return _json(self._config())
+        return _error(404, "not_found", "unknown admin path (try /healthz, /readyz, /stats, /config)")
+
+    async def _exchange(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=ADMIN_HEAD_BYTES)
+        try:
+            request = await _read_request(conn, stream)
+        except h11.RemoteProtocolError as exc:
+            status, headers, body = _error(
+                exc.error_status_hint, "bad_request", describe_parse_error(str(exc))
+            )
+            # By hand: h11 will not answer once the client's side is in ERROR.
+            head = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
+            head.extend(name + b": " + value for name, value in headers)
+            head.append(b"connection: close")
+            await _send(stream, b"\r\n".join(head) + b"\r\n\r\n" + body)
+            await _linger(stream)
+            return
+        if request is None:
+            return
+        status, headers, body = self.answer(request.method, request.target)
+        out = conn.send(
+            h11.Response(
+                status_code=status,
+                headers=[*headers, (b"connection", b"close")],
+                reason=HTTPStatus(status).phrase.encode(),
+            )
+        )
+        if request.method != b"HEAD":
+            out += conn.send(h11.Data(data=body))
+        out += conn.send(h11.EndOfMessage())
+        await _send(stream, out)
+        await _linger(stream)
+
+
+async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            try:
+                data = await stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return None
+            if not data:
+                return None  # closed, possibly after half a head: nothing to answer
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            return event
+        return None
+
+
+async def _send(stream: trio.SocketStream, data: bytes) -> None:
+    try:
+        await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Half-close and discard what the client still sends for a moment, so an unread request
+    body does not turn our close into an RST that destroys the answer."""
+    try:
+        await stream.send_eof()
+        with trio.move_on_after(LINGER_S):
+            discarded = 0
+            while discarded < LINGER_BYTES:
+                data = await stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    break
+                discarded += len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return
+
+
+def _common(content_type: bytes, body: bytes) -> Headers:
+    return [
+        (b"content-type", content_type),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+    ]
+
+
+def _text(status: int, text: str) -> tuple[int, Headers, bytes]:
+    body = text.encode() + b"\n"
+    return status, _common(b"text/plain; charset=utf-8", body), body
+
+
+def _json(doc: Mapping[str, object]) -> tuple[int, Headers, bytes]:
+    body = json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
+    return 200, _common(b"application/json", body), body
+
+
+def _error(status: int, reason: str, message: str) -> tuple[int, Headers, bytes]:
+    error = ClientError(status, reason, message)
+    body = error.body()
+    return status, error_headers(error, body), body
