@@ -19,7 +19,7 @@ import trio
 
 from resilient_ambassador.core.errors import ClientError, describe_parse_error
 from resilient_ambassador.core.messages import Headers
-from resilient_ambassador.net.server import error_headers
+from resilient_ambassador.net.server import error_headers, linger_close
 
 log = logging.getLogger("resilient_ambassador.admin")
 
@@ -91,7 +91,7 @@ class AdminServer:
             head.extend(name + b": " + value for name, value in headers)
             head.append(b"connection: close")
             await _send(stream, b"\r\n".join(head) + b"\r\n\r\n" + body)
-            await _linger(stream)
+            await linger_close(stream, LINGER_S, LINGER_BYTES)
             return
         if request is None:
             return
@@ -107,7 +107,7 @@ class AdminServer:
             out += conn.send(h11.Data(data=body))
         out += conn.send(h11.EndOfMessage())
         await _send(stream, out)
-        await _linger(stream)
+        await linger_close(stream, LINGER_S, LINGER_BYTES)
 
 
 async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
@@ -130,22 +130,6 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.
 async def _send(stream: trio.SocketStream, data: bytes) -> None:
     try:
         await stream.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-        return
-
-
-async def _linger(stream: trio.SocketStream) -> None:
-    """Half-close and discard what the client still sends for a moment, so an unread request
-    body does not turn our close into an RST that destroys the answer."""
-    try:
-        await stream.send_eof()
-        with trio.move_on_after(LINGER_S):
-            discarded = 0
-            while discarded < LINGER_BYTES:
-                data = await stream.receive_some(RECEIVE_BYTES)
-                if not data:
-                    break
-                discarded += len(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         return
 

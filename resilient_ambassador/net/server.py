@@ -88,6 +88,23 @@ def error_response(error: ProxyError) -> Response:
     )
 
 
+async def linger_close(stream: trio.SocketStream, seconds: float, max_bytes: int) -> None:
+    """Half-close, then read and discard what the client still sends for a moment (nginx's
+    lingering close), so our answer is not destroyed by the RST that closing on unread data
+    would cause."""
+    try:
+        await stream.send_eof()
+        with trio.move_on_after(seconds):
+            discarded = 0
+            while discarded < max_bytes:
+                data = await stream.receive_some(RECEIVE_BYTES)
+                if not data:
+                    break
+                discarded += len(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return
+
+
 @final
 class HttpServer:
     """Serves one listener. `draining` makes every connection close after its current
@@ -445,19 +462,7 @@ class ClientConnection:
         await self._linger()
 
     async def _linger(self) -> None:
-        """Half-close, then read and discard what the client still sends for a moment, so our
-        answer is not destroyed by the RST that closing on unread data would cause."""
-        try:
-            await self.stream.send_eof()
-            with trio.move_on_after(LINGER_S):
-                discarded = 0
-                while discarded < LINGER_BYTES:
-                    data = await self.stream.receive_some(RECEIVE_BYTES)
-                    if not data:
-                        break
-                    discarded += len(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            return
+        await linger_close(self.stream, LINGER_S, LINGER_BYTES)
 
     def _log_error(self, event: h11.Request, exc: ProxyError, upstream: str | None = None) -> None:
         suppressed = self.server.log_throttle.allow((upstream, exc.reason), trio.current_time())
