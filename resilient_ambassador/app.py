@@ -92,15 +92,18 @@ class App:
                     name = self.breaker_name(route)
                     self.breakers[name] = maybe_breaker(self.clients[route.upstream], route.breaker, name)
         # Shared breaker state: an open breaker here opens it on every daemon using this Redis.
+        # One Redis runner (creating it does no I/O) for every kind of shared state, so a dead
+        # Redis trips one breaker and costs one budget, whichever policy noticed first.
         self.redis: RedisRunner | None = None
+        if config.redis.url is not None:
+            self.redis = RedisRunner.from_url(config.redis.url, timeout_s=config.redis.timeout_s)
         self.breaker_sync: SharedBreakerSync | None = None
         shared = [
             stage
             for stage in self.breakers.values()
             if isinstance(stage, BreakerStage) and stage.config.shared == "redis"
         ]
-        if shared and config.redis.url is not None:
-            self.redis = RedisRunner.from_url(config.redis.url, timeout_s=config.redis.timeout_s)
+        if shared and self.redis is not None:
             self.breaker_sync = SharedBreakerSync(self.redis, key_prefix=config.redis.key_prefix)
             for stage in shared:
                 self.breaker_sync.register(stage)

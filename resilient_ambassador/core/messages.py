@@ -88,6 +88,9 @@ class Request:
     # An attempt deadline (trio clock) set by the retry stage's per-try timeout; the upstream
     # client enforces it and raises UpstreamTimeout, so the breaker counts it.
     deadline: float = math.inf
+    # The downstream peer address (the TCP peer, not X-Forwarded-For, which a client can
+    # forge): what rate limits keyed by client use.
+    client_ip: bytes = b""
 
     @property
     def path(self) -> bytes:

@@ -357,6 +357,7 @@ class ClientConnection:
             ),
             body=body,
             http_version=event.http_version,
+            client_ip=self.peer_ip,
         )
         return request, route
 

@@ -29,6 +29,7 @@ from resilient_ambassador.core.errors import (
     UpstreamTLSError,
     describe_parse_error,
 )
+from resilient_ambassador.core.fingerprint import fingerprint
 from resilient_ambassador.core.headers import inject_headers, inject_query
 from resilient_ambassador.core.headers import response_headers_for_client as client_view
 from resilient_ambassador.core.messages import Body, Request, Response
@@ -310,6 +311,19 @@ class UpstreamClient:
         self._query_names = [(quote(name, safe="").encode(), tpl) for name, tpl in config.query]
         self._base_path = config.url.base_path.encode()
         self._has_secrets = any(t.is_secret for _, t in (*config.headers, *config.query))
+
+    def credential_fingerprint(self) -> str:
+        """A hash of the credentials this client injects now ("" when it injects none): what
+        rate limits and cache entries are partitioned by, never the credential itself. It
+        changes when a rotated secret file changes."""
+        if not self._has_secrets:
+            return ""
+        values = [
+            self._secrets.resolve(tpl).encode()
+            for _, tpl in (*self._header_names, *self._query_names)
+            if tpl.is_secret
+        ]
+        return fingerprint(values, domain=b"credential")
 
     def _secret_values(self) -> list[bytes]:
         if not self._has_secrets:
