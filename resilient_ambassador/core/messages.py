@@ -79,6 +79,21 @@ EMPTY_BODY = BufferedBody()
 
 @final
 @dataclass(slots=True)
+class Outcome:
+    """What the stages decided for one downstream request. Stages write it; the access log,
+    /stats and spans read it. One per downstream request: retries share it, so `attempts`
+    counts every upstream attempt."""
+
+    attempts: int = 0
+    cache: str | None = None  # hit, miss, stale, revalidated, bypass, ... (Cache-Status terms)
+    breaker: str | None = None  # "open" when the breaker refused the request
+    rate_limit: str | None = None  # allowed, queued, rejected, quota_paused, ...
+    rate_limit_wait_s: float = 0.0
+    retries: int = 0
+
+
+@final
+@dataclass(slots=True)
 class Request:
     method: bytes
     target: bytes  # origin-form path + query, as forwarded (after prefix rewrite)
@@ -91,6 +106,7 @@ class Request:
     # The downstream peer address (the TCP peer, not X-Forwarded-For, which a client can
     # forge): what rate limits keyed by client use.
     client_ip: bytes = b""
+    outcome: Outcome = field(default_factory=Outcome)
 
     @property
     def path(self) -> bytes:

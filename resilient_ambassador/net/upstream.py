@@ -348,6 +348,7 @@ class UpstreamClient:
         # The wait for a pool slot stays outside the attempt deadline's scope: running out there
         # is our saturation (UpstreamPoolTimeout), not the upstream's slowness.
         outgoing = self._outgoing(request)
+        request.outcome.attempts += 1
         await self.pool.reserve(request.deadline)
         if request.deadline == math.inf:
             return await self._forward(request, outgoing)

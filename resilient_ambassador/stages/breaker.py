@@ -226,7 +226,11 @@ class BreakerStage:
         )
 
     async def __call__(self, request: Request) -> Response:
-        probe = self._admit()
+        try:
+            probe = self._admit()
+        except BreakerOpen:
+            request.outcome.breaker = "open"
+            raise
         epoch = self._epoch
         try:
             try:

@@ -148,6 +148,7 @@ class RetryStage:
             decision.delay_s,
         )
         # Telemetry hook: count `retries{reason}` and add a span event (attempt, reason, delay).
+        request.outcome.retries += 1
         return decision.delay_s
 
     async def _attempt(
