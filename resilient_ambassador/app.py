@@ -16,6 +16,7 @@ from resilient_ambassador.core.config import Config, RouteConfig, UpstreamConfig
 from resilient_ambassador.core.messages import Handler
 from resilient_ambassador.core.redact import Json, config_document
 from resilient_ambassador.core.retry import RetryBudget
+from resilient_ambassador.net.access_log import AccessLog
 from resilient_ambassador.net.admin import AdminServer, Readiness
 from resilient_ambassador.net.server import HttpServer, RouteRuntime
 from resilient_ambassador.net.upstream import ConnectionPool, UpstreamClient
@@ -118,6 +119,11 @@ class App:
                 for route in listener.routes
             }
             self.servers.append(HttpServer(listener, routes))
+        self.access_log = (
+            AccessLog(config.access_log, self.secrets.secret_values) if config.access_log.enabled else None
+        )
+        for server in self.servers:
+            server.access_log = self.access_log
         self.admin = (
             AdminServer(readiness=self.readiness, stats=self.stats, config=self.config_document)
             if config.admin.enabled
@@ -173,6 +179,8 @@ class App:
             # connections: /readyz keeps answering 503 through the whole drain, and the admin
             # listener closes last.
             async with trio.open_nursery() as background:
+                if self.access_log is not None:
+                    await background.start(self.access_log.run)
                 if self.breaker_sync is not None:
                     await background.start(self.breaker_sync.run)
                 if self.admin is not None and bound.admin:
@@ -185,6 +193,8 @@ class App:
             for pool in self.pools.values():
                 pool.close_idle()
             bound.close()
+            if self.access_log is not None:
+                await self.access_log.aclose()
             if self.redis is not None:
                 with trio.CancelScope(shield=True):
                     await self.redis.aclose()

@@ -24,6 +24,7 @@ import yaml
 
 from resilient_ambassador.core.config import (
     FAILURE_ERROR_KINDS,
+    AccessLogConfig,
     AdminConfig,
     BreakerConfig,
     ClientLimits,
@@ -270,6 +271,11 @@ _TLS: _Schema = {
     "min_version": ("min_version", lambda at: at.choice("1.2", "1.3")),
 }
 _DRAIN: _Schema = {"grace_period": ("grace_period_s", _At.duration)}
+_ACCESS_LOG: _Schema = {
+    "enabled": ("enabled", _At.boolean),
+    "format": ("format", lambda at: at.choice("json", "text")),
+    "path": ("path", _At.text),
+}
 _BUDGET: _Schema = {
     "ratio": ("budget_ratio", _At.ratio),
     "min_per_second": ("budget_min_per_s", lambda at: float(at.whole_number())),
@@ -481,7 +487,9 @@ class _Builder:
         self._route_names: dict[str, _At] = {}
 
     def config(self, root: _At) -> Config:
-        found = root.fields(("listeners", "upstreams", "drain", "redis", "admin"), ("listeners", "upstreams"))
+        found = root.fields(
+            ("listeners", "upstreams", "drain", "redis", "admin", "access_log"), ("listeners", "upstreams")
+        )
         redis = RedisConfig(**_section(found.get("redis"), _REDIS))
         # Upstreams first, so routes can be checked against them.
         for name, at in found["upstreams"].entries():
@@ -495,7 +503,8 @@ class _Builder:
                 if self._upstreams[name].breaker.shared == "redis":
                     raise at.error("breaker.shared is redis but the config has no redis.url")
         admin = self._admin(found.get("admin"))
-        return Config(listeners, self._upstreams, drain, root.source, redis, admin)
+        access_log = AccessLogConfig(**_section(found.get("access_log"), _ACCESS_LOG))
+        return Config(listeners, self._upstreams, drain, root.source, redis, admin, access_log)
 
     def _admin(self, at: _At | None) -> AdminConfig:
         """`admin: {listen: HOST:PORT, enabled: false}`; refused on a data listener's address."""

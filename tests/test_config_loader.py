@@ -249,7 +249,16 @@ ERRORS = {
         upstreams: {api: {url: "http://127.0.0.1:9000"}}
         stats: {listen: 127.0.0.1:9902}
         """,
-        "ambassador.yaml:3: stats: unknown key (expected one of: listeners, upstreams, drain, redis, admin)",
+        "ambassador.yaml:3: stats: unknown key "
+        "(expected one of: listeners, upstreams, drain, redis, admin, access_log)",
+    ),
+    "bad access log format": (
+        """\
+        listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
+        upstreams: {api: {url: "http://127.0.0.1:9000"}}
+        access_log: {format: yaml}
+        """,
+        "ambassador.yaml:3: access_log.format: expected one of: json, text",
     ),
     "listeners not a list": (
         """\

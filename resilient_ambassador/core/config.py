@@ -236,6 +236,16 @@ class AdminConfig:
 
 @final
 @dataclass(frozen=True, slots=True)
+class AccessLogConfig:
+    """One line per request (JSON by default, so log pipelines need no parsing rules)."""
+
+    enabled: bool = True
+    format: Literal["json", "text"] = "json"
+    path: str = "-"  # "-" is stdout, where Kubernetes collects container logs
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     upstreams: dict[str, UpstreamConfig]
@@ -243,3 +253,4 @@ class Config:
     source: str = "<flags>"  # the file it came from, for messages
     redis: RedisConfig = field(default_factory=RedisConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
+    access_log: AccessLogConfig = field(default_factory=AccessLogConfig)

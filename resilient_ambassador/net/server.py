@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -18,6 +19,7 @@ from typing import final
 import h11
 import trio
 
+from resilient_ambassador.core.access_log import AccessRecord, redact_target
 from resilient_ambassador.core.config import ClientLimits, ListenerConfig, RouteConfig
 from resilient_ambassador.core.errors import ClientError, NoRoute, ProxyError, describe_parse_error
 from resilient_ambassador.core.headers import (
@@ -38,6 +40,7 @@ from resilient_ambassador.core.messages import (
     Response,
 )
 from resilient_ambassador.core.routing import Router
+from resilient_ambassador.net.access_log import AccessLog
 
 log = logging.getLogger("resilient_ambassador.server")
 
@@ -123,6 +126,7 @@ class HttpServer:
         self.responses = [0] * 6
         self._idle_scopes: set[trio.CancelScope] = set()
         self.log_throttle = LogThrottle()
+        self.access_log: AccessLog | None = None
 
     def count_response(self, status: int) -> None:
         self.responses[min(status // 100, 5)] += 1
@@ -240,7 +244,12 @@ class ClientConnection:
     async def run(self) -> None:
         try:
             while True:
-                request = await self._read_head()
+                try:
+                    request = await self._read_head()
+                except ClientError as exc:
+                    if self.server.access_log is not None:
+                        self._record(None, trio.current_time(), exc.status, 0, exc.reason)
+                    raise
                 if request is None:
                     return
                 if not await self._serve(request):
@@ -365,34 +374,86 @@ class ClientConnection:
         """Serve one request; True when the connection may carry another."""
         self.requests_served += 1
         self.server.requests += 1
+        started = trio.current_time()
+        route: RouteRuntime | None = None
+        request: Request | None = None
+        status, sent, reason, completed = 0, 0, None, False
         try:
-            request, route = self._build_request(event)
-        except ClientError:
-            raise
-        except ProxyError as exc:
-            self._log_error(event, exc)
-            # An unread request body cannot be skipped safely: say we close.
-            await self._respond(error_response(exc), close=self.h11.their_state is not h11.DONE)
+            try:
+                request, route = self._build_request(event)
+            except ClientError:
+                raise
+            except ProxyError as exc:
+                self._log_error(event, exc)
+                status, reason = exc.status, exc.reason
+                # An unread request body cannot be skipped safely: say we close.
+                sent = await self._respond(error_response(exc), close=self.h11.their_state is not h11.DONE)
+                completed = True
+                return self._reusable()
+            try:
+                response = await route.handler(request)
+            except ClientError:
+                raise
+            except ProxyError as exc:
+                self._log_error(event, exc, route.config.upstream)
+                response = error_response(exc)
+                reason = exc.reason
+            status = response.status
+            sent = await self._respond(response, close=self.h11.their_state is not h11.DONE)
+            completed = True
             return self._reusable()
-        try:
-            response = await route.handler(request)
-        except ClientError:
+        except ClientError as exc:
+            # Answered by `run` (unless a response is already under way).
+            status = status or exc.status
+            reason = exc.reason
             raise
-        except ProxyError as exc:
-            self._log_error(event, exc, route.config.upstream)
-            response = error_response(exc)
-        await self._respond(response, close=self.h11.their_state is not h11.DONE)
-        return self._reusable()
+        finally:
+            if self.server.access_log is not None:
+                self._record(event, started, status, sent, reason, route, request, aborted=not completed)
+
+    def _record(
+        self,
+        event: h11.Request | None,
+        started: float,
+        status: int,
+        sent: int,
+        reason: str | None,
+        route: RouteRuntime | None = None,
+        request: Request | None = None,
+        *,
+        aborted: bool = False,
+    ) -> None:
+        access_log = self.server.access_log
+        assert access_log is not None
+        now = trio.current_time()
+        access_log.record(
+            AccessRecord(
+                time=time.time() - (now - started),
+                listener=self.server.config.name,
+                client_ip=self.peer_ip.decode("latin-1"),
+                method=event.method.decode("latin-1") if event is not None else "-",
+                target=redact_target(bytes(event.target)) if event is not None else "-",
+                status=status,
+                bytes_sent=sent,
+                duration_s=now - started,
+                route=(route.config.name or None) if route is not None else None,
+                upstream=route.config.upstream if route is not None else None,
+                outcome=request.outcome if request is not None else None,
+                reason=reason,
+                aborted=aborted,
+            )
+        )
 
     def _reusable(self) -> bool:
         return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
 
-    async def _respond(self, response: Response, *, close: bool) -> None:
+    async def _respond(self, response: Response, *, close: bool) -> int:
         """Send a response, coalescing head, body chunks and end into as few writes as the
         body allows. An upstream failure after the head went out aborts the connection: the
         client must never mistake a truncated body for a complete one."""
         h = self.h11
         headers = response.headers
+        sent = 0
         if close or self.server.draining or self.requests_served >= self.limits.max_requests_per_connection:
             headers = [*headers, (b"connection", b"close")]
         try:
@@ -406,11 +467,13 @@ class ClientConnection:
                     await self.send(out)
                     out = b""
                 async for chunk in body:
+                    sent += len(chunk)
                     out += h.send(h11.Data(data=chunk))
                     if len(out) >= FLUSH_BYTES or not body.ready():
                         await self.send(out)
                         out = b""
                 await self.send(out + h.send(h11.EndOfMessage()))
+                return sent
             except ProxyError as exc:
                 log.warning("aborting response to client: %s", exc.message)
                 raise ClientGone() from None

@@ -1,0 +1,121 @@
+"""The access log sink: formats records on the event loop, writes them in batches off it.
+
+A write to stdout blocks when whoever reads the pipe (the kubelet, a log shipper) falls
+behind; that must never stall traffic. Lines collect in memory and a background task writes
+them every `FLUSH_INTERVAL_S` (or sooner when `FLUSH_BYTES` pile up) in a worker thread.
+If the output stays stuck until `MAX_PENDING_BYTES` are waiting, new lines are dropped and
+counted rather than buffered without bound: losing log lines beats losing requests.
+Known secret values are scrubbed from each batch just before it is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Collection
+from typing import final
+
+import trio
+
+from resilient_ambassador.core.access_log import AccessRecord, scrub, to_json, to_text
+from resilient_ambassador.core.config import AccessLogConfig
+from resilient_ambassador.core.log_throttle import LogThrottle
+
+log = logging.getLogger("resilient_ambassador.access_log")
+
+FLUSH_INTERVAL_S = 0.2
+FLUSH_BYTES = 64 * 1024
+MAX_PENDING_BYTES = 4 * 1024 * 1024
+STDOUT = "-"
+
+
+@final
+class AccessLog:
+    def __init__(
+        self,
+        config: AccessLogConfig,
+        secret_values: Callable[[], Collection[str]] = frozenset,
+        fd: int | None = None,
+    ) -> None:
+        self._format = to_json if config.format == "json" else to_text
+        self._secret_values = secret_values
+        self._path = config.path
+        self._fd = fd
+        self._owns_fd = False
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._wake = trio.Event()
+        self._throttle = LogThrottle()
+        self._write_lock = threading.Lock()
+        self.lines = 0
+        self.dropped = 0
+        self.write_errors = 0
+
+    def record(self, record: AccessRecord) -> None:
+        line = self._format(record)
+        if self._pending_bytes >= MAX_PENDING_BYTES:
+            self.dropped += 1
+            return
+        self._pending.append(line)
+        self._pending_bytes += len(line) + 1
+        self.lines += 1
+        if self._pending_bytes >= FLUSH_BYTES:
+            self._wake.set()
+
+    def open(self) -> None:
+        """Open the output (a file path is opened for appending, like nginx's access_log)."""
+        if self._fd is not None:
+            return
+        if self._path == STDOUT:
+            self._fd = 1
+        else:
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._owns_fd = True
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Flush batches until cancelled; a last flush happens in `aclose`."""
+        self.open()
+        task_status.started()
+        while True:
+            with trio.move_on_after(FLUSH_INTERVAL_S):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self._pending:
+            return
+        batch = scrub("\n".join(self._pending) + "\n", self._secret_values())
+        self._pending = []
+        self._pending_bytes = 0
+        data = batch.encode("utf-8", "backslashreplace")
+        # Abandoned on cancel: a stuck stdout must not hold up a drain. The lock keeps a later
+        # flush from interleaving with an abandoned one that wakes up.
+        await trio.to_thread.run_sync(self._write_all, data, abandon_on_cancel=True)
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            await self.flush()
+        if self._owns_fd and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _write_all(self, data: bytes) -> None:
+        fd = self._fd
+        if fd is None:
+            return
+        view = memoryview(data)
+        with self._write_lock:
+            try:
+                while view:
+                    view = view[os.write(fd, view) :]
+            except OSError as exc:
+                self._write_failed(exc)
+
+    def _write_failed(self, exc: OSError) -> None:
+        self.write_errors += 1
+        # Only called under the write lock, so the throttle is never touched concurrently.
+        if self._throttle.allow(("write",), time.monotonic()) is not None:
+            log.warning("access log: cannot write (%s); lines lost", exc.strerror or exc)
