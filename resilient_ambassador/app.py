@@ -4,6 +4,7 @@ nursery, the signal handling and the graceful drain."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ from resilient_ambassador.core.redact import Json, config_document
 from resilient_ambassador.core.retry import RetryBudget
 from resilient_ambassador.net.access_log import AccessLog
 from resilient_ambassador.net.admin import AdminServer, Readiness
+from resilient_ambassador.net.listen import open_listeners
 from resilient_ambassador.net.server import HttpServer, RouteRuntime
 from resilient_ambassador.net.upstream import ConnectionPool, UpstreamClient
 from resilient_ambassador.secrets import SecretResolver
@@ -31,6 +33,7 @@ log = logging.getLogger("resilient_ambassador")
 # How often idle pooled connections are checked for expiry or a peer close.
 POOL_SWEEP_INTERVAL_S = 5.0
 LISTEN_BACKLOG = 4096
+ORPHAN_CHECK_INTERVAL_S = 1.0
 
 
 def upstream_host(config: UpstreamConfig) -> bytes:
@@ -75,8 +78,12 @@ class BoundListeners:
 
 @final
 class App:
-    def __init__(self, config: Config, secrets: SecretResolver | None = None) -> None:
+    def __init__(
+        self, config: Config, secrets: SecretResolver | None = None, *, worker: int | None = None
+    ) -> None:
         self.config = config
+        # Set when this process is worker N of `--workers`: listeners bind with SO_REUSEPORT.
+        self.worker = worker
         self.secrets = secrets or SecretResolver()
         self.pools = {name: ConnectionPool(up) for name, up in config.upstreams.items()}
         self.clients = {
@@ -147,13 +154,20 @@ class App:
         try:
             for server in self.servers:
                 bound.data.append(
-                    await trio.open_tcp_listeners(
-                        server.config.port, host=server.config.host, backlog=LISTEN_BACKLOG
+                    await open_listeners(
+                        server.config.host,
+                        server.config.port,
+                        backlog=LISTEN_BACKLOG,
+                        reuse_port=self.worker is not None,
                     )
                 )
             if self.admin is not None:
                 admin = self.config.admin
-                bound.admin = await trio.open_tcp_listeners(admin.port, host=admin.host)
+                # Workers share the admin port too: probes reach whichever worker the kernel
+                # picks, and every worker answers for the whole process group's health.
+                bound.admin = await open_listeners(
+                    admin.host, admin.port, backlog=128, reuse_port=self.worker is not None
+                )
         except BaseException:
             bound.close()
             raise
@@ -276,6 +290,8 @@ class App:
                 },
             }
         return {
+            "pid": os.getpid(),
+            "worker": self.worker,
             "ready": self.readiness() == "ready",
             "draining": self.draining,
             "uptime_s": round(now - self._started_at, 3) if self._started_at is not None else 0.0,
@@ -283,6 +299,13 @@ class App:
             "upstreams": upstreams,
             "breakers": breakers,
             "shared_breaker": shared,
+            "access_log": None
+            if self.access_log is None
+            else {
+                "lines": self.access_log.lines,
+                "dropped": self.access_log.dropped,
+                "write_errors": self.access_log.write_errors,
+            },
         }
 
     def drain(self) -> None:
@@ -318,17 +341,33 @@ def _address(listener: trio.SocketListener) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def run(config: Config, secrets: SecretResolver | None = None) -> None:
+async def run(config: Config, secrets: SecretResolver | None = None, *, worker: int | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain; a second signal stops at once. Installing
     handlers also makes SIGTERM work when we are PID 1 in a container, where the kernel
-    ignores signals that have no handler."""
-    app = App(config, secrets)
+    ignores signals that have no handler.
+
+    A worker of `--workers` ignores SIGINT (a terminal's Ctrl-C reaches the whole process
+    group; the supervisor forwards it as SIGTERM, once) and drains if its supervisor dies."""
+    app = App(config, secrets, worker=worker)
     bound = await app.bind()  # outside the nursery: a bind error surfaces as a plain OSError
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+    signals = (signal.SIGTERM,) if worker is not None else (signal.SIGTERM, signal.SIGINT)
+    if worker is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with trio.open_signal_receiver(*signals) as received:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_drain_on_signals, app, received)
+            if worker is not None:
+                nursery.start_soon(_drain_when_orphaned, app, os.getppid())
             await app.serve(bound)
             nursery.cancel_scope.cancel()
+
+
+async def _drain_when_orphaned(app: App, parent_pid: int) -> None:
+    """A worker whose supervisor died (SIGKILL, OOM) would serve on unsupervised; drain."""
+    while os.getppid() == parent_pid:  # noqa: ASYNC110 (no event exists for a parent's death)
+        await trio.sleep(ORPHAN_CHECK_INTERVAL_S)
+    log.warning("supervisor (pid %d) is gone: draining", parent_pid)
+    app.drain()
 
 
 async def _drain_on_signals(app: App, received: AsyncIterator[int]) -> None:

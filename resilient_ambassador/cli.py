@@ -13,6 +13,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 
 import trio
 
@@ -78,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="admin listener for /healthz, /readyz, /stats, /config (default 127.0.0.1:9901; "
         "never a data port)",
     )
+    run.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes sharing the listening ports with SO_REUSEPORT (default 1)",
+    )
+    # Set by the supervisor on the workers it starts; not for people.
+    run.add_argument("--worker-id", type=int, help=argparse.SUPPRESS)
     run.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     run.add_argument("--log-format", default="text", choices=["text", "json"])
 
@@ -129,6 +138,16 @@ def config_for_run(args: argparse.Namespace, resolver: SecretResolver) -> Config
         except ValueError as exc:
             raise ConfigError(f"--admin {args.admin!r}: {exc}") from None
         config = dataclasses.replace(config, admin=AdminConfig(enabled=True, host=host, port=port))
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ConfigError("--workers: expected a whole number of at least 1")
+        config = dataclasses.replace(config, workers=args.workers)
+    if config.workers > 1 and args.worker_id is None:
+        for listener in config.listeners:
+            if listener.port == 0:
+                raise ConfigError(f"listener {listener.name}: workers need a fixed port, not port 0")
+        if config.admin.enabled and config.admin.port == 0:
+            raise ConfigError("admin: workers need a fixed admin port, not port 0")
     if (clash := admin_clash(config)) is not None:
         admin = config.admin
         raise ConfigError(
@@ -234,10 +253,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
+    if config.workers > 1 and args.worker_id is None:
+        return _supervise(config.workers, list(sys.argv[1:] if argv is None else argv))
+
     from resilient_ambassador.app import run
 
     try:
-        trio.run(run, config, resolver)
+        trio.run(partial(run, config, resolver, worker=args.worker_id))
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_RUNTIME
@@ -245,3 +267,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     log.info("stopped")
     return EXIT_OK
+
+
+def _supervise(workers: int, argv: list[str]) -> int:
+    from resilient_ambassador.supervisor import Supervisor
+
+    def worker_argv(index: int) -> list[str]:
+        return [sys.executable, "-m", "resilient_ambassador", *argv, "--worker-id", str(index)]
+
+    log.info("starting %d workers", workers)
+    code = trio.run(Supervisor(worker_argv, workers).run)
+    log.info("stopped")
+    return EXIT_RUNTIME if code else EXIT_OK

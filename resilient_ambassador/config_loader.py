@@ -488,7 +488,8 @@ class _Builder:
 
     def config(self, root: _At) -> Config:
         found = root.fields(
-            ("listeners", "upstreams", "drain", "redis", "admin", "access_log"), ("listeners", "upstreams")
+            ("listeners", "upstreams", "drain", "redis", "admin", "access_log", "workers"),
+            ("listeners", "upstreams"),
         )
         redis = RedisConfig(**_section(found.get("redis"), _REDIS))
         # Upstreams first, so routes can be checked against them.
@@ -504,7 +505,8 @@ class _Builder:
                     raise at.error("breaker.shared is redis but the config has no redis.url")
         admin = self._admin(found.get("admin"))
         access_log = AccessLogConfig(**_section(found.get("access_log"), _ACCESS_LOG))
-        return Config(listeners, self._upstreams, drain, root.source, redis, admin, access_log)
+        workers = found["workers"].count() if "workers" in found else 1
+        return Config(listeners, self._upstreams, drain, root.source, redis, admin, access_log, workers)
 
     def _admin(self, at: _At | None) -> AdminConfig:
         """`admin: {listen: HOST:PORT, enabled: false}`; refused on a data listener's address."""

@@ -254,3 +254,5 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     admin: AdminConfig = field(default_factory=AdminConfig)
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    # Processes serving the same ports (SO_REUSEPORT); state in memory is per process.
+    workers: int = 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -106,11 +107,12 @@ class AccessLog:
         fd = self._fd
         if fd is None:
             return
-        view = memoryview(data)
         with self._write_lock:
             try:
-                while view:
-                    view = view[os.write(fd, view) :]
+                for chunk in _atomic_chunks(data):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
             except OSError as exc:
                 self._write_failed(exc)
 
@@ -119,3 +121,22 @@ class AccessLog:
         # Only called under the write lock, so the throttle is never touched concurrently.
         if self._throttle.allow(("write",), time.monotonic()) is not None:
             log.warning("access log: cannot write (%s); lines lost", exc.strerror or exc)
+
+
+def _atomic_chunks(data: bytes, limit: int = select.PIPE_BUF) -> list[bytes]:
+    """`data` cut at line ends into writes of at most `limit` bytes where lines allow: a pipe
+    write up to PIPE_BUF is atomic, so lines from several `--workers` sharing stdout never
+    interleave mid-line."""
+    if len(data) <= limit:
+        return [data]
+    chunks: list[bytes] = []
+    start = 0
+    while start < len(data):
+        end = start + limit
+        if end < len(data):
+            cut = data.rfind(b"\n", start, end)
+            # A single line longer than the limit goes alone (it cannot be atomic anyway).
+            end = cut + 1 if cut >= start else data.find(b"\n", end) + 1 or len(data)
+        chunks.append(data[start:end])
+        start = end
+    return chunks

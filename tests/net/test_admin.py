@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import socket
 from typing import Any
 
@@ -108,8 +109,13 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
         "upstreams",
         "breakers",
         "shared_breaker",
+        "access_log",
+        "pid",
+        "worker",
     }
     assert (before["ready"], before["draining"], before["shared_breaker"]) == (True, False, None)
+    assert (before["pid"], before["worker"]) == (os.getpid(), None)
+    assert set(before["access_log"]) == {"lines", "dropped", "write_errors"}
     assert before["uptime_s"] >= 0
     assert before["listeners"]["main"] == {
         "open_connections": 0,

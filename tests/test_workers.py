@@ -1,0 +1,140 @@
+"""`--workers N`: real worker processes sharing ports with SO_REUSEPORT under a supervisor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from resilient_ambassador.supervisor import Supervisor
+from tests.support.client import http_request
+from tests.support.upstream import echo, start_fake_upstream
+from tests.test_cli import CLI, _free_port, _wait_listening
+
+
+async def _worker_pids(admin_port: int, want: int) -> set[int]:
+    """Worker pids seen through the shared admin port (each connection lands on one worker)."""
+    seen: set[int] = set()
+    with trio.fail_after(15):
+        while len(seen) < want:
+            try:
+                stats = await http_request(admin_port, "GET", "/stats")
+            except (OSError, trio.BrokenResourceError):
+                # A killed worker's queued connections are reset (see docs/operations.md).
+                await trio.sleep(0.02)
+                continue
+            if stats.status == 200:
+                seen.add(json.loads(stats.body)["pid"])
+    return seen
+
+
+async def test_workers_share_the_port_and_a_killed_worker_is_replaced(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    upstream = await start_fake_upstream(nursery, default=echo)
+    port, admin_port = _free_port(), _free_port()
+    with (tmp_path / "stderr.log").open("wb") as stderr:
+        process = await trio.lowlevel.open_process(
+            [
+                *CLI,
+                "run",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--admin",
+                f"127.0.0.1:{admin_port}",
+                "--upstream",
+                upstream.url(),
+                "--workers",
+                "2",
+            ],
+            stderr=stderr,
+        )
+        try:
+            await _wait_listening(port, process)
+            first = await _worker_pids(admin_port, 2)
+            responses = [await http_request(port, "GET", f"/{i}") for i in range(20)]
+            victim = min(first)
+            os.kill(victim, signal.SIGKILL)
+            with trio.fail_after(15):
+                while True:
+                    now = await _worker_pids(admin_port, 2)
+                    if victim not in now:
+                        break
+            after_restart = await http_request(port, "GET", "/after")
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(15):
+                returncode = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    assert all(r.status == 200 for r in responses)
+    assert len(upstream.received) >= 20
+    assert len(now) == 2
+    assert now - first  # a new worker replaced the killed one
+    assert after_restart.status == 200
+    assert returncode == 0
+    log = (tmp_path / "stderr.log").read_text()
+    assert (
+        f"worker 0 (pid {victim}) was killed by SIGKILL" in log
+        or f"(pid {victim}) was killed by SIGKILL" in log
+    )
+    for pid in now:  # every worker drained and exited (and was reaped) with the supervisor
+        assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def test_a_crash_loop_gives_up_with_exit_code_1() -> None:
+    argv = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    supervisor = Supervisor(lambda _: argv, 2, fast_exit_s=5.0, crash_loop_limit=2)
+    with trio.fail_after(20):
+        code = await supervisor.run()
+    assert code == 1
+    assert supervisor.failed
+
+
+async def test_sigterm_reaches_every_worker(nursery: trio.Nursery, tmp_path: Path) -> None:
+    # Workers that exit 0 on SIGTERM and say when their handler is in place.
+    script = (
+        "import os, signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(0)); "
+        f"open(os.path.join({str(tmp_path)!r}, str(os.getpid())), 'w').close(); time.sleep(60)"
+    )
+    supervisor = Supervisor(lambda _: [sys.executable, "-c", script], 3)
+    done = trio.Event()
+    codes: list[int] = []
+
+    async def supervise() -> None:
+        codes.append(await supervisor.run())
+        done.set()
+
+    nursery.start_soon(supervise)
+    with trio.fail_after(10):
+        while len(list(await trio.Path(tmp_path).iterdir())) < 3:  # noqa: ASYNC110 (polling processes)
+            await trio.sleep(0.01)
+    supervisor.stop()
+    with trio.fail_after(10):
+        await done.wait()
+    assert codes == [0]
+    assert all(p.returncode == 0 for p in supervisor.processes.values())
+
+
+def test_workers_need_fixed_ports() -> None:
+    from tests.test_cli import _run
+
+    zero = _run("run", "--listen", "127.0.0.1:0", "--upstream", "http://127.0.0.1:9", "--workers", "2")
+    none = _run("run", "--upstream", "http://127.0.0.1:9", "--workers", "0")
+    assert (zero.returncode, none.returncode) == (2, 2)
+    assert "workers need a fixed port" in zero.stderr
+    assert "--workers: expected a whole number of at least 1" in none.stderr
