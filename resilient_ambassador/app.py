@@ -13,6 +13,7 @@ from typing import final
 
 import trio
 
+from resilient_ambassador import telemetry
 from resilient_ambassador.core.config import Config, RouteConfig, UpstreamConfig
 from resilient_ambassador.core.messages import Handler
 from resilient_ambassador.core.redact import Json, config_document
@@ -23,10 +24,12 @@ from resilient_ambassador.net.listen import open_listeners
 from resilient_ambassador.net.server import HttpServer, RouteRuntime
 from resilient_ambassador.net.upstream import ConnectionPool, UpstreamClient
 from resilient_ambassador.secrets import SecretResolver
-from resilient_ambassador.stages.breaker import BreakerStage, maybe_breaker
+from resilient_ambassador.stages.breaker import BreakerChange, BreakerStage, maybe_breaker
 from resilient_ambassador.stages.retry import RetryStage
+from resilient_ambassador.stages.telemetry import AttemptTelemetry, RequestTelemetry
 from resilient_ambassador.stores.redis_client import RedisRunner
 from resilient_ambassador.stores.shared_breaker import SharedBreakerSync
+from resilient_ambassador.telemetry import Telemetry
 
 log = logging.getLogger("resilient_ambassador")
 
@@ -40,8 +43,9 @@ def upstream_host(config: UpstreamConfig) -> bytes:
     return (config.host_header or config.url.authority).encode()
 
 
-def build_pipeline(route: RouteConfig, upstream: Handler) -> Handler:
-    """A route's chain of stages, outermost first: retry -> breaker -> upstream client.
+def build_pipeline(route: RouteConfig, upstream: Handler, telemetry: Telemetry | None = None) -> Handler:
+    """A route's chain of stages, outermost first: telemetry -> retry -> breaker -> attempt
+    telemetry -> upstream client.
 
     `upstream` is the upstream's shared breaker (or its client when the breaker is off): one
     breaker per upstream, whatever the number of routes. Retry sits outside it, so every
@@ -59,6 +63,8 @@ def build_pipeline(route: RouteConfig, upstream: Handler) -> Handler:
             budget=RetryBudget.from_config(route.retry),
             upstream=route.upstream,
         )
+    if telemetry is not None:
+        handler = RequestTelemetry(handler, telemetry, route)
     return handler
 
 
@@ -79,7 +85,12 @@ class BoundListeners:
 @final
 class App:
     def __init__(
-        self, config: Config, secrets: SecretResolver | None = None, *, worker: int | None = None
+        self,
+        config: Config,
+        secrets: SecretResolver | None = None,
+        *,
+        worker: int | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config
         # Set when this process is worker N of `--workers`: listeners bind with SO_REUSEPORT.
@@ -89,16 +100,22 @@ class App:
         self.clients = {
             name: UpstreamClient(up, self.pools[name], self.secrets) for name, up in config.upstreams.items()
         }
+        self.telemetry = telemetry or Telemetry(config.telemetry)
+        # Each attempt gets its CLIENT span inside the breaker: a refused call makes none.
+        attempts: dict[str, Handler] = {
+            name: AttemptTelemetry(self.clients[name], self.telemetry, up)
+            for name, up in config.upstreams.items()
+        }
         # One breaker per upstream, shared by its routes; a route with a `breaker` of its own
         # gets its own (named upstream/route) around the same client.
         self.breakers = {
-            name: maybe_breaker(self.clients[name], up.breaker, name) for name, up in config.upstreams.items()
+            name: maybe_breaker(attempts[name], up.breaker, name) for name, up in config.upstreams.items()
         }
         for listener in config.listeners:
             for route in listener.routes:
                 if route.breaker is not None:
                     name = self.breaker_name(route)
-                    self.breakers[name] = maybe_breaker(self.clients[route.upstream], route.breaker, name)
+                    self.breakers[name] = maybe_breaker(attempts[route.upstream], route.breaker, name)
         # Shared breaker state: an open breaker here opens it on every daemon using this Redis.
         # One Redis runner (creating it does no I/O) for every kind of shared state, so a dead
         # Redis trips one breaker and costs one budget, whichever policy noticed first.
@@ -120,7 +137,7 @@ class App:
             routes = {
                 id(route): RouteRuntime(
                     config=route,
-                    handler=build_pipeline(route, self.breakers[self.breaker_name(route)]),
+                    handler=build_pipeline(route, self.breakers[self.breaker_name(route)], self.telemetry),
                     upstream_host=upstream_host(config.upstreams[route.upstream]),
                 )
                 for route in listener.routes
@@ -131,8 +148,14 @@ class App:
         )
         for server in self.servers:
             server.access_log = self.access_log
+        self._observe()
         self.admin = (
-            AdminServer(readiness=self.readiness, stats=self.stats, config=self.config_document)
+            AdminServer(
+                readiness=self.readiness,
+                stats=self.stats,
+                config=self.config_document,
+                metrics=self.telemetry.prometheus_text,
+            )
             if config.admin.enabled
             else None
         )
@@ -142,6 +165,59 @@ class App:
         self._serving = False
         self._started_at: float | None = None
         self.draining = False
+
+    def _observe(self) -> None:
+        """Metrics read from the counters the daemon keeps anyway (no cost per request)."""
+        t = self.telemetry
+        states = {"closed": 0, "half-open": 1, "open": 2}
+        stages = {name: s for name, s in self.breakers.items() if isinstance(s, BreakerStage)}
+        for name, stage in stages.items():
+            stage.add_change_hook(partial(_count_transition, t, name))
+        t.observe(
+            telemetry.BREAKER_STATE,
+            "gauge",
+            "1",
+            "Circuit breaker state: 0 closed, 1 half-open, 2 open",
+            lambda: [(states.get(s.state, 2), {"ambassador.breaker": n}) for n, s in stages.items()],
+        )
+        t.observe(
+            telemetry.OPEN_CONNECTIONS,
+            "updown",
+            "{connection}",
+            "Open downstream connections",
+            lambda: [(s.open_connections, {"ambassador.listener": s.config.name}) for s in self.servers],
+        )
+        t.observe(
+            telemetry.LISTENER_RESPONSES,
+            "counter",
+            "{response}",
+            "Responses by status class, including requests refused before routing",
+            lambda: [
+                (
+                    s.responses[n],
+                    {"ambassador.listener": s.config.name, "http.response.status_class": f"{n}xx"},
+                )
+                for s in self.servers
+                for n in range(1, 6)
+            ],
+        )
+        if self.redis is not None:
+            redis = self.redis
+            for name, attr, what in (
+                (telemetry.REDIS_CALLS, "calls", "Redis calls"),
+                (telemetry.REDIS_FAILURES, "failures", "Redis calls that failed or ran out of budget"),
+                (telemetry.REDIS_SKIPPED, "skipped", "Redis calls skipped while it was unavailable"),
+            ):
+                t.observe(name, "counter", "{call}", what, partial(_redis_counter, redis, attr))
+        if self.access_log is not None:
+            access_log = self.access_log
+            t.observe(
+                telemetry.ACCESS_LOG_DROPPED,
+                "counter",
+                "{line}",
+                "Access log lines dropped because the output was blocked",
+                lambda: [(access_log.dropped, {})],
+            )
 
     @staticmethod
     def breaker_name(route: RouteConfig) -> str:
@@ -212,6 +288,9 @@ class App:
             if self.redis is not None:
                 with trio.CancelScope(shield=True):
                     await self.redis.aclose()
+            with trio.CancelScope(shield=True), trio.move_on_after(3.0):
+                # Flushes the span and metric exporters (blocking: off the event loop).
+                await trio.to_thread.run_sync(self.telemetry.shutdown, abandon_on_cancel=True)
 
     async def _serve_connections(
         self,
@@ -334,6 +413,14 @@ class App:
             await trio.sleep(POOL_SWEEP_INTERVAL_S)
             for pool in self.pools.values():
                 pool.expire_idle()
+
+
+def _count_transition(t: Telemetry, name: str, change: BreakerChange) -> None:
+    t.breaker_transitions.add(1, {"ambassador.breaker": name, "ambassador.breaker.state": change.state})
+
+
+def _redis_counter(redis: RedisRunner, attr: str) -> list[tuple[float, telemetry.Attributes]]:
+    return [(getattr(redis, attr), {})]
 
 
 def _address(listener: trio.SocketListener) -> str:

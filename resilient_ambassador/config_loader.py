@@ -35,6 +35,7 @@ from resilient_ambassador.core.config import (
     RedisConfig,
     RetryConfig,
     RouteConfig,
+    TelemetryConfig,
     TLSConfig,
     UpstreamConfig,
     UpstreamTimeouts,
@@ -271,6 +272,17 @@ _TLS: _Schema = {
     "min_version": ("min_version", lambda at: at.choice("1.2", "1.3")),
 }
 _DRAIN: _Schema = {"grace_period": ("grace_period_s", _At.duration)}
+_TELEMETRY: _Schema = {
+    "traces_exporter": ("traces_exporter", lambda at: at.choice("none", "console", "otlp")),
+    "metrics_exporter": ("metrics_exporter", lambda at: at.choice("none", "otlp")),
+    "service_name": ("service_name", _At.text),
+    "otlp_endpoint": (
+        "otlp_endpoint",
+        lambda at: at.parsed(parse_otlp_endpoint, "a URL like http://collector:4318"),
+    ),
+    "sampler_ratio": ("sampler_ratio", _At.ratio),
+    "metrics_interval": ("metrics_interval_s", _At.duration),
+}
 _ACCESS_LOG: _Schema = {
     "enabled": ("enabled", _At.boolean),
     "format": ("format", lambda at: at.choice("json", "text")),
@@ -312,6 +324,14 @@ _REDIS: _Schema = {
     "timeout": ("timeout_s", _At.duration),
     "key_prefix": ("key_prefix", _At.text),
 }
+
+
+def parse_otlp_endpoint(text: str) -> str:
+    """The OTLP/HTTP collector's base URL (`/v1/traces` and `/v1/metrics` are appended)."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or _URL_FORBIDDEN_RE.search(text):
+        raise ValueError("expected a URL like http://collector:4318")
+    return text
 
 
 def parse_redis_url(text: str) -> str:
@@ -488,7 +508,7 @@ class _Builder:
 
     def config(self, root: _At) -> Config:
         found = root.fields(
-            ("listeners", "upstreams", "drain", "redis", "admin", "access_log", "workers"),
+            ("listeners", "upstreams", "drain", "redis", "admin", "access_log", "workers", "telemetry"),
             ("listeners", "upstreams"),
         )
         redis = RedisConfig(**_section(found.get("redis"), _REDIS))
@@ -506,7 +526,10 @@ class _Builder:
         admin = self._admin(found.get("admin"))
         access_log = AccessLogConfig(**_section(found.get("access_log"), _ACCESS_LOG))
         workers = found["workers"].count() if "workers" in found else 1
-        return Config(listeners, self._upstreams, drain, root.source, redis, admin, access_log, workers)
+        telemetry = TelemetryConfig(**_section(found.get("telemetry"), _TELEMETRY))
+        return Config(
+            listeners, self._upstreams, drain, root.source, redis, admin, access_log, workers, telemetry
+        )
 
     def _admin(self, at: _At | None) -> AdminConfig:
         """`admin: {listen: HOST:PORT, enabled: false}`; refused on a data listener's address."""

@@ -246,6 +246,19 @@ class AccessLogConfig:
 
 @final
 @dataclass(frozen=True, slots=True)
+class TelemetryConfig:
+    """OpenTelemetry settings; None means "as the OTEL_* environment variables say"."""
+
+    traces_exporter: Literal["none", "console", "otlp"] | None = None
+    metrics_exporter: Literal["none", "otlp"] | None = None
+    service_name: str | None = None
+    otlp_endpoint: str | None = None  # base URL, e.g. http://collector:4318
+    sampler_ratio: float | None = None  # parent-based trace-id ratio, 0..1
+    metrics_interval_s: float = 60.0  # OTLP metric push interval
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     upstreams: dict[str, UpstreamConfig]
@@ -256,3 +269,4 @@ class Config:
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
     # Processes serving the same ports (SO_REUSEPORT); state in memory is per process.
     workers: int = 1
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)

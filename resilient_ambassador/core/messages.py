@@ -90,6 +90,7 @@ class Outcome:
     rate_limit: str | None = None  # allowed, queued, rejected, quota_paused, ...
     rate_limit_wait_s: float = 0.0
     retries: int = 0
+    trace_id: str | None = None  # set when the request is traced: the access log shows it
 
 
 @final

@@ -1,4 +1,4 @@
-"""The admin listener: a small h11 server for /healthz, /readyz, /stats and /config.
+"""The admin listener: a small h11 server for /healthz, /readyz, /stats, /config and /metrics.
 
 It never forwards anything: every answer is built from the callbacks the app hands it. It is
 deliberately stingy, since it shares the process with the data path: one request per
@@ -38,15 +38,27 @@ Readiness = Literal["starting", "ready", "draining"]
 Document = Callable[[], Mapping[str, object]]
 
 
+# The Prometheus text exposition format, version 0.0.4 (what prometheus_client writes).
+PROMETHEUS_TEXT = b"text/plain; version=0.0.4; charset=utf-8"
+
+
 @final
 class AdminServer:
     """Answers admin requests from three callbacks: readiness, the stats document and the
     (already redacted) config document."""
 
-    def __init__(self, *, readiness: Callable[[], Readiness], stats: Document, config: Document) -> None:
+    def __init__(
+        self,
+        *,
+        readiness: Callable[[], Readiness],
+        stats: Document,
+        config: Document,
+        metrics: Callable[[], bytes] | None = None,
+    ) -> None:
         self._readiness = readiness
         self._stats = stats
         self._config = config
+        self._metrics = metrics
         self.open_connections = 0
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
@@ -76,7 +88,12 @@ class AdminServer:
             return _json(self._stats())
         if path == b"/config":
             return _json(self._config())
-        return _error(404, "not_found", "unknown admin path (try /healthz, /readyz, /stats, /config)")
+        if path == b"/metrics" and self._metrics is not None:
+            body = self._metrics()
+            return 200, _common(PROMETHEUS_TEXT, body), body
+        return _error(
+            404, "not_found", "unknown admin path (try /healthz, /readyz, /stats, /config, /metrics)"
+        )
 
     async def _exchange(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=ADMIN_HEAD_BYTES)

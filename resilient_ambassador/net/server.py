@@ -441,6 +441,7 @@ class ClientConnection:
                 outcome=request.outcome if request is not None else None,
                 reason=reason,
                 aborted=aborted,
+                trace_id=request.outcome.trace_id if request is not None else None,
             )
         )
 

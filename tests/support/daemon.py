@@ -24,6 +24,7 @@ from resilient_ambassador.core.config import (
 )
 from resilient_ambassador.core.templates import Template
 from resilient_ambassador.secrets import SecretResolver
+from resilient_ambassador.telemetry import Telemetry
 
 # Forwarding tests see each attempt as it is; resilience tests opt in to the policies.
 NO_BREAKER = BreakerConfig(enabled=False)
@@ -81,11 +82,14 @@ class RunningDaemon:
 
 
 async def start_daemon(
-    nursery: trio.Nursery, config: Config, secrets: SecretResolver | None = None
+    nursery: trio.Nursery,
+    config: Config,
+    secrets: SecretResolver | None = None,
+    telemetry: Telemetry | None = None,
 ) -> RunningDaemon:
     # A fixed admin port would make parallel tests clash; see TEST_ADMIN.
     assert not config.admin.enabled or config.admin.port == 0, "tests must use admin port 0"
-    app = App(config, secrets)
+    app = App(config, secrets, telemetry=telemetry)
     addresses: list[tuple[str, int]] = await nursery.start(app.serve)
     return RunningDaemon(app=app, port=addresses[0][1])
 
