@@ -165,6 +165,7 @@ class App:
         self._serving = False
         self._started_at: float | None = None
         self.draining = False
+        self.unready = False  # SIGTERM seen: /readyz says 503 while the drain delay runs
 
     def _observe(self) -> None:
         """Metrics read from the counters the daemon keeps anyway (no cost per request)."""
@@ -325,7 +326,7 @@ class App:
             log.warning("grace period over: closed the connections still open")
 
     def readiness(self) -> Readiness:
-        if self.draining:
+        if self.draining or self.unready:
             return "draining"
         return "ready" if self._serving else "starting"
 
@@ -402,6 +403,16 @@ class App:
         if self._connections is not None:
             self._connections.deadline = trio.current_time() + grace_s
 
+    async def drain_after_delay(self) -> None:
+        """The SIGTERM sequence: /readyz 503 at once, keep serving for `drain.delay` (so the
+        endpoint's removal reaches every load balancer first), then `drain()`."""
+        self.unready = True
+        delay_s = self.config.drain.delay_s
+        if delay_s > 0:
+            log.info("/readyz answers 503; still serving for the %gs drain delay", delay_s)
+            await trio.sleep(delay_s)
+        self.drain()
+
     def stop_now(self) -> None:
         if self._connections is not None:
             self._connections.cancel()
@@ -458,11 +469,13 @@ async def _drain_when_orphaned(app: App, parent_pid: int) -> None:
 
 
 async def _drain_on_signals(app: App, received: AsyncIterator[int]) -> None:
-    async for signum in received:
-        name = signal.Signals(signum).name
-        if app.draining:
-            log.warning("second %s: stopping now", name)
-            app.stop_now()
-        else:
-            log.info("%s received", name)
-            app.drain()
+    async with trio.open_nursery() as nursery:
+        async for signum in received:
+            name = signal.Signals(signum).name
+            if app.unready or app.draining:
+                log.warning("second %s: stopping now", name)
+                app.drain()
+                app.stop_now()
+            else:
+                log.info("%s received", name)
+                nursery.start_soon(app.drain_after_delay)

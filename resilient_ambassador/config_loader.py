@@ -271,7 +271,10 @@ _TLS: _Schema = {
     # The raw text, so an unquoted `min_version: 1.2` works although YAML reads a float.
     "min_version": ("min_version", lambda at: at.choice("1.2", "1.3")),
 }
-_DRAIN: _Schema = {"grace_period": ("grace_period_s", _At.duration)}
+_DRAIN: _Schema = {
+    "grace_period": ("grace_period_s", _At.duration),
+    "delay": ("delay_s", lambda at: at.parsed(parse_duration, "a duration like 0s, 250ms, 5s")),
+}
 _TELEMETRY: _Schema = {
     "traces_exporter": ("traces_exporter", lambda at: at.choice("none", "console", "otlp")),
     "metrics_exporter": ("metrics_exporter", lambda at: at.choice("none", "otlp")),

@@ -80,7 +80,7 @@ class TelemetrySettings:
     service_name: str | None
     otlp_endpoint: str | None
     sampler_ratio: float | None  # None: the SDK's own (OTEL_TRACES_SAMPLER, default parentbased_always_on)
-    metrics_interval_s: float
+    metrics_interval_s: float | None  # None: the SDK's (OTEL_METRIC_EXPORT_INTERVAL, else 60 s)
 
     @classmethod
     def resolve(cls, config: TelemetryConfig, environ: Mapping[str, str] = os.environ) -> TelemetrySettings:
@@ -136,9 +136,10 @@ class Telemetry:
         readers: list[MetricReader] = [PrometheusMetricReader(registry=self.registry)]
         metric_exporter = self._metric_exporter(settings)
         if metric_exporter is not None:
+            interval = settings.metrics_interval_s
             readers.append(
                 PeriodicExportingMetricReader(
-                    metric_exporter, export_interval_millis=settings.metrics_interval_s * 1000
+                    metric_exporter, export_interval_millis=None if interval is None else interval * 1000
                 )
             )
         self._meter_provider = MeterProvider(

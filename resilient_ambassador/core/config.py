@@ -220,6 +220,10 @@ class ListenerConfig:
 class DrainConfig:
     # Below Kubernetes' default terminationGracePeriodSeconds (30 s) so we exit before SIGKILL.
     grace_period_s: float = 25.0
+    # After SIGTERM, keep serving (with /readyz at 503) this long before we stop accepting,
+    # so endpoint removal reaches every kube-proxy first. delay + grace_period must stay
+    # under terminationGracePeriodSeconds.
+    delay_s: float = 0.0
 
 
 @final
@@ -254,7 +258,7 @@ class TelemetryConfig:
     service_name: str | None = None
     otlp_endpoint: str | None = None  # base URL, e.g. http://collector:4318
     sampler_ratio: float | None = None  # parent-based trace-id ratio, 0..1
-    metrics_interval_s: float = 60.0  # OTLP metric push interval
+    metrics_interval_s: float | None = None  # OTLP push interval; None: OTEL_METRIC_EXPORT_INTERVAL or 60s
 
 
 @final

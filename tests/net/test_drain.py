@@ -3,10 +3,14 @@ connections at once, and give up on stragglers at the grace period."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import trio
+import trio.testing
 
-from tests.support.client import HttpClient, RawConnection
+from resilient_ambassador.core.config import DrainConfig
+from tests.support.client import HttpClient, RawConnection, http_request
 from tests.support.daemon import simple_config, start_daemon, upstream_config
 from tests.support.upstream import Reply, start_fake_upstream
 
@@ -58,3 +62,25 @@ async def test_grace_period_cuts_stragglers(nursery: trio.Nursery) -> None:
 
     assert read.data == b""
     assert read.ending in ("eof", "reset")
+
+
+async def test_drain_delay_keeps_serving_while_readyz_says_503(
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    upstream = await start_fake_upstream(nursery)
+    config = simple_config(upstream_config(upstream.url()))
+    config = dataclasses.replace(config, drain=DrainConfig(grace_period_s=5.0, delay_s=10.0))
+
+    async with trio.open_nursery() as daemon_nursery:
+        daemon = await start_daemon(daemon_nursery, config)
+        daemon_nursery.start_soon(daemon.app.drain_after_delay)
+        await trio.testing.wait_all_tasks_blocked()
+        readyz = await http_request(daemon.admin_port, "GET", "/readyz")
+        during = await http_request(daemon.port, "GET", "/")  # still accepted during the delay
+        mock_clock.jump(10.5)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(OSError, match="all attempts to connect"):
+            await trio.open_tcp_stream("127.0.0.1", daemon.port)
+
+    assert (readyz.status, readyz.body) == (503, b"draining\n")
+    assert during.status == 200
