@@ -3,10 +3,12 @@ nursery, the signal handling and the graceful drain."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import final
@@ -14,7 +16,8 @@ from typing import final
 import trio
 
 from resilient_ambassador import telemetry
-from resilient_ambassador.core.config import Config, RouteConfig, UpstreamConfig
+from resilient_ambassador.config_loader import ConfigError
+from resilient_ambassador.core.config import Config, ListenerConfig, RouteConfig, UpstreamConfig
 from resilient_ambassador.core.messages import Handler
 from resilient_ambassador.core.redact import Json, config_document
 from resilient_ambassador.core.retry import RetryBudget
@@ -68,6 +71,10 @@ def build_pipeline(route: RouteConfig, upstream: Handler, telemetry: Telemetry |
     return handler
 
 
+class ReloadError(Exception):
+    """A reload that could not be applied; the running config keeps serving."""
+
+
 @final
 @dataclass
 class BoundListeners:
@@ -96,26 +103,11 @@ class App:
         # Set when this process is worker N of `--workers`: listeners bind with SO_REUSEPORT.
         self.worker = worker
         self.secrets = secrets or SecretResolver()
-        self.pools = {name: ConnectionPool(up) for name, up in config.upstreams.items()}
-        self.clients = {
-            name: UpstreamClient(up, self.pools[name], self.secrets) for name, up in config.upstreams.items()
-        }
         self.telemetry = telemetry or Telemetry(config.telemetry)
-        # Each attempt gets its CLIENT span inside the breaker: a refused call makes none.
-        attempts: dict[str, Handler] = {
-            name: AttemptTelemetry(self.clients[name], self.telemetry, up)
-            for name, up in config.upstreams.items()
-        }
-        # One breaker per upstream, shared by its routes; a route with a `breaker` of its own
-        # gets its own (named upstream/route) around the same client.
-        self.breakers = {
-            name: maybe_breaker(attempts[name], up.breaker, name) for name, up in config.upstreams.items()
-        }
-        for listener in config.listeners:
-            for route in listener.routes:
-                if route.breaker is not None:
-                    name = self.breaker_name(route)
-                    self.breakers[name] = maybe_breaker(attempts[route.upstream], route.breaker, name)
+        self.pools: dict[str, ConnectionPool] = {}
+        self.clients: dict[str, UpstreamClient] = {}
+        self.breakers: dict[str, Handler] = {}
+        self._build_upstreams(config, keep=None)
         # Shared breaker state: an open breaker here opens it on every daemon using this Redis.
         # One Redis runner (creating it does no I/O) for every kind of shared state, so a dead
         # Redis trips one breaker and costs one budget, whichever policy noticed first.
@@ -132,17 +124,9 @@ class App:
             self.breaker_sync = SharedBreakerSync(self.redis, key_prefix=config.redis.key_prefix)
             for stage in shared:
                 self.breaker_sync.register(stage)
-        self.servers: list[HttpServer] = []
-        for listener in config.listeners:
-            routes = {
-                id(route): RouteRuntime(
-                    config=route,
-                    handler=build_pipeline(route, self.breakers[self.breaker_name(route)], self.telemetry),
-                    upstream_host=upstream_host(config.upstreams[route.upstream]),
-                )
-                for route in listener.routes
-            }
-            self.servers.append(HttpServer(listener, routes))
+        self.servers: list[HttpServer] = [
+            HttpServer(listener, self._route_table(listener, config)) for listener in config.listeners
+        ]
         self.access_log = (
             AccessLog(config.access_log, self.secrets.secret_values) if config.access_log.enabled else None
         )
@@ -161,6 +145,16 @@ class App:
         )
         self.admin_addresses: list[tuple[str, int]] = []
         self._accepting: trio.CancelScope | None = None
+        # Set while serving, for reloads: where accept loops and connections run, each
+        # server's accept scope (to stop one listener), and every bound socket (to close).
+        self._accept_nursery: trio.Nursery | None = None
+        self._connection_nursery: trio.Nursery | None = None
+        self._accept_scopes: dict[int, trio.CancelScope] = {}
+        self._bound_ports: dict[str, int] = {}  # listener name -> the port it got (port 0)
+        self._bound: BoundListeners | None = None
+        self._reload_lock = trio.Lock()
+        self.reloads = 0
+        self.reload_failures = 0
         self._connections: trio.CancelScope | None = None
         self._serving = False
         self._started_at: float | None = None
@@ -171,15 +165,16 @@ class App:
         """Metrics read from the counters the daemon keeps anyway (no cost per request)."""
         t = self.telemetry
         states = {"closed": 0, "half-open": 1, "open": 2}
-        stages = {name: s for name, s in self.breakers.items() if isinstance(s, BreakerStage)}
-        for name, stage in stages.items():
-            stage.add_change_hook(partial(_count_transition, t, name))
         t.observe(
             telemetry.BREAKER_STATE,
             "gauge",
             "1",
             "Circuit breaker state: 0 closed, 1 half-open, 2 open",
-            lambda: [(states.get(s.state, 2), {"ambassador.breaker": n}) for n, s in stages.items()],
+            lambda: [
+                (states.get(s.state, 2), {"ambassador.breaker": n})
+                for n, s in self.breakers.items()
+                if isinstance(s, BreakerStage)
+            ],
         )
         t.observe(
             telemetry.OPEN_CONNECTIONS,
@@ -224,6 +219,66 @@ class App:
     def breaker_name(route: RouteConfig) -> str:
         return route.upstream if route.breaker is None else f"{route.upstream}/{route.name}"
 
+    def _build_upstreams(self, config: Config, keep: App | None) -> None:
+        """Pools, clients and breakers for `config`'s upstreams. On a reload (`keep` is the
+        running app) an upstream whose config did not change keeps its pool, its client and
+        its breakers, state and all; others get new ones."""
+        pools: dict[str, ConnectionPool] = {}
+        clients: dict[str, UpstreamClient] = {}
+        breakers: dict[str, Handler] = {}
+        attempts: dict[str, Handler] = {}
+        for name, up in config.upstreams.items():
+            if keep is not None and keep.config.upstreams.get(name) == up:
+                pools[name], clients[name], breakers[name] = (
+                    keep.pools[name],
+                    keep.clients[name],
+                    keep.breakers[name],
+                )
+                continue
+            pools[name] = ConnectionPool(up)
+            clients[name] = UpstreamClient(up, pools[name], self.secrets)
+            # Each attempt gets its CLIENT span inside the breaker: a refused call makes none.
+            attempts[name] = AttemptTelemetry(clients[name], self.telemetry, up)
+            # One breaker per upstream, shared by its routes.
+            breakers[name] = self._counted(maybe_breaker(attempts[name], up.breaker, name), name)
+        # A route with a `breaker` of its own gets its own (named upstream/route) around the
+        # same client.
+        old_routes = {} if keep is None else {r.name: r for lst in keep.config.listeners for r in lst.routes}
+        for listener in config.listeners:
+            for route in listener.routes:
+                if route.breaker is None:
+                    continue
+                name = self.breaker_name(route)
+                before = old_routes.get(route.name)
+                if (
+                    keep is not None
+                    and route.upstream not in attempts
+                    and before is not None
+                    and (before.upstream, before.breaker) == (route.upstream, route.breaker)
+                ):
+                    breakers[name] = keep.breakers[name]
+                    continue
+                inner = attempts.get(route.upstream) or AttemptTelemetry(
+                    clients[route.upstream], self.telemetry, config.upstreams[route.upstream]
+                )
+                breakers[name] = self._counted(maybe_breaker(inner, route.breaker, name), name)
+        self.pools, self.clients, self.breakers = pools, clients, breakers
+
+    def _counted(self, handler: Handler, name: str) -> Handler:
+        if isinstance(handler, BreakerStage):
+            handler.add_change_hook(partial(_count_transition, self.telemetry, name))
+        return handler
+
+    def _route_table(self, listener: ListenerConfig, config: Config) -> dict[int, RouteRuntime]:
+        return {
+            id(route): RouteRuntime(
+                config=route,
+                handler=build_pipeline(route, self.breakers[self.breaker_name(route)], self.telemetry),
+                upstream_host=upstream_host(config.upstreams[route.upstream]),
+            )
+            for route in listener.routes
+        }
+
     async def bind(self) -> BoundListeners:
         """Bind every listener and the admin listener, all or nothing (a port in use fails
         the whole start)."""
@@ -265,6 +320,7 @@ class App:
         ]
         self.admin_addresses = [listener.socket.getsockname()[:2] for listener in bound.admin]
         self._started_at = trio.current_time()
+        self._bound = bound
         try:
             # The admin listener runs in the background nursery, which outlives the data
             # connections: /readyz keeps answering 503 through the whole drain, and the admin
@@ -303,27 +359,134 @@ class App:
             self._connections = connections
             async with trio.open_nursery() as connection_nursery, trio.open_nursery() as accept_nursery:
                 self._accepting = accept_nursery.cancel_scope
+                self._accept_nursery, self._connection_nursery = accept_nursery, connection_nursery
                 for server, listeners in zip(self.servers, bound, strict=True):
-                    accept_nursery.start_soon(
-                        partial(
-                            trio.serve_listeners,
-                            server.handle_connection,
-                            listeners,
-                            handler_nursery=connection_nursery,
-                        )
-                    )
+                    self._start_accepting(server, listeners)
                 accept_nursery.start_soon(self._sweep_pools)
-                for server, listeners in zip(self.servers, bound, strict=True):
-                    log.info(
-                        "listener %s on %s (%d routes)",
-                        server.config.name,
-                        ", ".join(_address(listener) for listener in listeners),
-                        len(server.config.routes),
-                    )
                 self._serving = True
                 task_status.started(addresses)
+            self._accept_nursery = self._connection_nursery = None
         if connections.cancelled_caught:
             log.warning("grace period over: closed the connections still open")
+
+    def _start_accepting(self, server: HttpServer, listeners: list[trio.SocketListener]) -> None:
+        """Accept on `listeners` for `server`, in a scope of its own so a reload can stop
+        this one listener; its connections run in the shared connection nursery."""
+        assert self._accept_nursery is not None
+        assert self._connection_nursery is not None
+        scope = trio.CancelScope()
+        self._accept_scopes[id(server)] = scope
+        self._bound_ports[server.config.name] = listeners[0].socket.getsockname()[1]
+        connection_nursery = self._connection_nursery
+
+        async def accept() -> None:
+            with scope:
+                await trio.serve_listeners(
+                    server.handle_connection, listeners, handler_nursery=connection_nursery
+                )
+
+        self._accept_nursery.start_soon(accept)
+        log.info(
+            "listener %s on %s (%d routes)",
+            server.config.name,
+            ", ".join(_address(listener) for listener in listeners),
+            len(server.config.routes),
+        )
+
+    async def reload(self, config: Config) -> None:
+        """Swap in a new, already validated config without dropping a request.
+
+        New requests use the new routes at once; requests in flight finish on the pipeline
+        they started with. Upstreams whose config is unchanged keep their pools, breakers
+        (and their state) and clients. Listeners are matched by name: one whose address is
+        unchanged keeps its socket and takes the new routes and limits (open connections
+        keep the limits they started with); a new one is bound first, so a port in use fails
+        the whole reload before anything changed (ReloadError); a removed one stops
+        accepting and drains its connections. Sections that only take effect at start-up
+        (admin, redis, workers, access_log, telemetry) are kept as they are, with a warning."""
+        async with self._reload_lock:
+            try:
+                await self._reload(config)
+            except ReloadError as exc:
+                self.reload_failed(str(exc))
+                raise
+            self.reloads += 1
+            self.telemetry.reloads.add(1, {"result": "success"})
+
+    def reload_failed(self, why: str) -> None:
+        """Count and log a reload that was refused (bad config, port in use, ...)."""
+        self.reload_failures += 1
+        self.telemetry.reloads.add(1, {"result": "failure"})
+        log.error("reload failed; the running config stays: %s", why)
+
+    async def _reload(self, config: Config) -> None:
+        if self.draining or self.unready or self._accept_nursery is None:
+            raise ReloadError("not serving (starting or draining)")
+        fixed = ("admin", "redis", "workers", "access_log", "telemetry")
+        changed = [key for key in fixed if getattr(config, key) != getattr(self.config, key)]
+        if changed:
+            log.warning("reload: %s changed; that takes effect at the next restart", ", ".join(changed))
+            config = dataclasses.replace(config, **{key: getattr(self.config, key) for key in fixed})
+        running = {server.config.name: server for server in self.servers}
+        same_address = {
+            listener.name
+            for listener in config.listeners
+            if listener.name in running
+            and listener.host == running[listener.name].config.host
+            and listener.port in (running[listener.name].config.port, self._bound_ports.get(listener.name))
+        }
+        fresh: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
+        try:
+            for listener in config.listeners:
+                if listener.name not in same_address:
+                    sockets = await open_listeners(
+                        listener.host,
+                        listener.port,
+                        backlog=LISTEN_BACKLOG,
+                        reuse_port=self.worker is not None,
+                    )
+                    fresh.append((listener, sockets))
+        except OSError as exc:
+            for _, sockets in fresh:
+                for socket in sockets:
+                    socket.socket.close()
+            raise ReloadError(f"cannot bind a new listener: {exc}") from exc
+
+        # From here on nothing awaits: the swap is atomic for every connection task.
+        previous_pools = self.pools
+        self._build_upstreams(config, keep=self)
+        shared = self.breaker_sync
+        for stage in self.breakers.values():
+            if isinstance(stage, BreakerStage) and stage.config.shared == "redis" and shared is not None:
+                shared.register(stage)
+        servers: list[HttpServer] = []
+        for listener in config.listeners:
+            if listener.name in same_address:
+                server = running.pop(listener.name)
+                server.swap(listener, self._route_table(listener, config))
+                servers.append(server)
+        for listener, sockets in fresh:
+            server = HttpServer(listener, self._route_table(listener, config))
+            server.access_log = self.access_log
+            servers.append(server)
+            if self._bound is not None:
+                self._bound.data.append(sockets)
+            self._start_accepting(server, sockets)
+        for server in running.values():  # removed, or moved to another address
+            self._accept_scopes.pop(id(server), trio.CancelScope()).cancel()
+            server.start_drain()
+            log.info("listener %s removed: draining its connections", server.config.name)
+        self.servers = servers
+        self.config = config
+        for name, pool in previous_pools.items():
+            if self.pools.get(name) is not pool:
+                pool.close_idle()  # in-flight requests finish on it; nothing new will use it
+        log.info(
+            "config reloaded: %d listeners, %d upstreams (%d kept as they were)",
+            len(servers),
+            len(config.upstreams),
+            sum(1 for name, pool in self.pools.items() if previous_pools.get(name) is pool),
+        )
 
     def readiness(self) -> Readiness:
         if self.draining or self.unready:
@@ -379,6 +542,7 @@ class App:
             "upstreams": upstreams,
             "breakers": breakers,
             "shared_breaker": shared,
+            "reloads": {"succeeded": self.reloads, "failed": self.reload_failures},
             "access_log": None
             if self.access_log is None
             else {
@@ -439,21 +603,30 @@ def _address(listener: trio.SocketListener) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def run(config: Config, secrets: SecretResolver | None = None, *, worker: int | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain; a second signal stops at once. Installing
-    handlers also makes SIGTERM work when we are PID 1 in a container, where the kernel
-    ignores signals that have no handler.
+async def run(
+    config: Config,
+    secrets: SecretResolver | None = None,
+    *,
+    worker: int | None = None,
+    reload_config: Callable[[], Config] | None = None,
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain; a second signal stops at once. SIGHUP reloads
+    (`reload_config` reads and validates the config again). Installing handlers also makes
+    SIGTERM work when we are PID 1 in a container, where the kernel ignores signals that
+    have no handler.
 
     A worker of `--workers` ignores SIGINT (a terminal's Ctrl-C reaches the whole process
     group; the supervisor forwards it as SIGTERM, once) and drains if its supervisor dies."""
     app = App(config, secrets, worker=worker)
     bound = await app.bind()  # outside the nursery: a bind error surfaces as a plain OSError
-    signals = (signal.SIGTERM,) if worker is not None else (signal.SIGTERM, signal.SIGINT)
-    if worker is not None:
+    signals = [signal.SIGTERM, signal.SIGHUP]
+    if worker is None:
+        signals.append(signal.SIGINT)
+    else:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     with trio.open_signal_receiver(*signals) as received:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_drain_on_signals, app, received)
+            nursery.start_soon(_handle_signals, app, received, reload_config)
             if worker is not None:
                 nursery.start_soon(_drain_when_orphaned, app, os.getppid())
             await app.serve(bound)
@@ -468,14 +641,32 @@ async def _drain_when_orphaned(app: App, parent_pid: int) -> None:
     app.drain()
 
 
-async def _drain_on_signals(app: App, received: AsyncIterator[int]) -> None:
+async def _handle_signals(
+    app: App, received: AsyncIterator[int], reload_config: Callable[[], Config] | None
+) -> None:
     async with trio.open_nursery() as nursery:
         async for signum in received:
             name = signal.Signals(signum).name
-            if app.unready or app.draining:
+            if signum == signal.SIGHUP:
+                await _reload_on_signal(app, reload_config)
+            elif app.unready or app.draining:
                 log.warning("second %s: stopping now", name)
                 app.drain()
                 app.stop_now()
             else:
                 log.info("%s received", name)
                 nursery.start_soon(app.drain_after_delay)
+
+
+async def _reload_on_signal(app: App, reload_config: Callable[[], Config] | None) -> None:
+    if reload_config is None:
+        log.warning("SIGHUP: this daemon was not started with a config to reload; ignored")
+        return
+    log.info("SIGHUP: reloading the config")
+    try:
+        config = reload_config()
+    except ConfigError as exc:
+        app.reload_failed(str(exc))
+        return
+    with contextlib.suppress(ReloadError):  # reload() logged and counted it
+        await app.reload(config)

@@ -259,7 +259,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from resilient_ambassador.app import run
 
     try:
-        trio.run(partial(run, config, resolver, worker=args.worker_id))
+        trio.run(
+            partial(
+                run,
+                config,
+                resolver,
+                worker=args.worker_id,
+                # SIGHUP re-reads the file (and flags) exactly as at start-up, checking secret
+                # files with a fresh resolver: the running one keeps the last value it read
+                # across a rotation, but a config naming a file that is gone must be refused.
+                reload_config=(lambda: config_for_run(args, SecretResolver())) if args.config else None,
+            )
+        )
     except OSError as exc:
         log.error("cannot start: %s", exc)
         return EXIT_RUNTIME

@@ -1,4 +1,4 @@
-"""`--workers N`: real worker processes sharing ports with SO_REUSEPORT under a supervisor."""
+"""Real daemon processes: `--workers N` (SO_REUSEPORT under a supervisor) and SIGHUP reloads."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import trio
 
 from resilient_ambassador.supervisor import Supervisor
 from tests.support.client import http_request
-from tests.support.upstream import echo, start_fake_upstream
+from tests.support.upstream import Reply, echo, start_fake_upstream
 from tests.test_cli import CLI, _free_port, _wait_listening
 
 
@@ -138,3 +138,63 @@ def test_workers_need_fixed_ports() -> None:
     assert (zero.returncode, none.returncode) == (2, 2)
     assert "workers need a fixed port" in zero.stderr
     assert "--workers: expected a whole number of at least 1" in none.stderr
+
+
+async def _reload_counts(admin_port: int, want: dict[str, int]) -> None:
+    with trio.fail_after(15):
+        while json.loads((await http_request(admin_port, "GET", "/stats")).body)["reloads"] != want:  # noqa: ASYNC110
+            await trio.sleep(0.02)
+
+
+async def test_sighup_reloads_the_file_and_keeps_serving_through_broken_edits(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    a = await start_fake_upstream(nursery, default=Reply(body=b"from-a"))
+    b = await start_fake_upstream(nursery, default=Reply(body=b"from-b"))
+    port, admin_port = _free_port(), _free_port()
+    config = tmp_path / "ambassador.yaml"
+    key = tmp_path / "key"
+    key.write_text("k1")
+
+    def write(upstream_url: str, extra: str = "") -> None:
+        config.write_text(
+            f"listeners: [{{name: main, listen: 127.0.0.1:{port}, routes: [{{upstream: api}}]}}]\n"
+            f"upstreams: {{api: {{url: '{upstream_url}', headers: {{X-Key: '${{file:{key}}}'}}}}}}\n"
+            f"admin: {{listen: 127.0.0.1:{admin_port}}}\n{extra}"
+        )
+
+    write(a.url())
+    with (tmp_path / "stderr.log").open("wb") as stderr:
+        process = await trio.lowlevel.open_process([*CLI, "run", "--config", str(config)], stderr=stderr)
+        try:
+            await _wait_listening(port, process)
+            first = await http_request(port, "GET", "/")
+            config.write_text("listeners: [oops")  # a YAML syntax error
+            process.send_signal(signal.SIGHUP)
+            await _reload_counts(admin_port, {"succeeded": 0, "failed": 1})
+            write(b.url(), "drain: {grace_period: -1s}\n")  # a schema error
+            process.send_signal(signal.SIGHUP)
+            await _reload_counts(admin_port, {"succeeded": 0, "failed": 2})
+            key.unlink()
+            write(b.url())  # the secret file is missing
+            process.send_signal(signal.SIGHUP)
+            await _reload_counts(admin_port, {"succeeded": 0, "failed": 3})
+            still = await http_request(port, "GET", "/")
+            key.write_text("k2")
+            process.send_signal(signal.SIGHUP)
+            await _reload_counts(admin_port, {"succeeded": 1, "failed": 3})
+            after = await http_request(port, "GET", "/")
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(15):
+                returncode = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    assert (first.body, still.body, after.body) == (b"from-a", b"from-a", b"from-b")
+    assert returncode == 0
+    log = (tmp_path / "stderr.log").read_text()
+    assert "reload failed; the running config stays" in log
+    assert "drain.grace_period" in log
+    assert "config reloaded" in log

@@ -128,6 +128,14 @@ class HttpServer:
         self.log_throttle = LogThrottle()
         self.access_log: AccessLog | None = None
 
+    def swap(self, config: ListenerConfig, routes: Mapping[int, RouteRuntime]) -> None:
+        """A reload: new connections and requests use `config` and `routes` from now on; a
+        request already routed keeps its RouteRuntime, a connection its limits."""
+        self.config = config
+        self.limits = config.limits
+        self.router = Router(config.routes)
+        self.routes = routes
+
     def count_response(self, status: int) -> None:
         self.responses[min(status // 100, 5)] += 1
 

@@ -110,6 +110,7 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
         "breakers",
         "shared_breaker",
         "access_log",
+        "reloads",
         "pid",
         "worker",
     }
