@@ -7,12 +7,15 @@
 #   docker run --rm -p 8000:8000 -v "$PWD/ambassador.yaml:/etc/resilient-ambassador/config.yaml:ro" \
 #       resilient-ambassador:0.1.0
 #
+# Inside a container a listener must bind 0.0.0.0 (not 127.0.0.1) for `-p` to reach it.
+#
 # Kubernetes manifests using it: k8s/ (see docs/kubernetes.md).
 
 # --- builder: wheels for the package and every dependency ------------------------------------
-# Python 3.12 on Debian bookworm, slim variant. The tag says what it is; the digest (the
-# multi-platform index) makes every build start from the same bytes. Written out in both FROM
-# lines (no ARG) so linters can see the pin; bump both together.
+# Python 3.12 on Debian bookworm, slim variant. The tag says what it is; the digest makes every
+# build start from the same bytes (check it when bumping: `docker buildx imagetools inspect
+# python:3.12.12-slim-bookworm`). Written out in both FROM lines, not as an ARG, so linters see
+# the pin; bump both together.
 FROM python:3.12.12-slim-bookworm@sha256:593bd06efe90efa80dc4eee3948be7c0fde4134606dd40d8dd8dbcade98e669c AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
@@ -39,7 +42,6 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
 # 10001 stays clear of the host's system and login users. The daemon writes nothing to disk,
 # so the root filesystem can be mounted read-only.
 USER 10001:10001
-WORKDIR /tmp
 
 # 8000: the data listener (HTTP). 9901: the admin listener (/healthz, /readyz, /stats, /config).
 EXPOSE 8000 9901
