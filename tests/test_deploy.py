@@ -13,18 +13,23 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, final
 from urllib.parse import urlsplit
 
 import pytest
+import trio
 import yaml
 
 from resilient_ambassador import __version__
 from resilient_ambassador.config_loader import load_config_text
 from resilient_ambassador.core.config import AdminConfig, Config
 from resilient_ambassador.secrets import SecretResolver
+from tests.support.daemon import simple_config, start_daemon, upstream_config
+from tests.support.upstream import Reply, start_fake_upstream
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -374,12 +379,40 @@ def test_dockerfile_runs_the_daemon_with_admin_reachable() -> None:
     assert AdminConfig().port in exposed
 
 
-def test_dockerfile_healthcheck_targets_admin_healthz() -> None:
+def _healthcheck() -> list[str]:
     (healthcheck,) = [arg for name, arg in _dockerfile_instructions() if name == "HEALTHCHECK"]
-    command = healthcheck[healthcheck.index("CMD ") + len("CMD ") :]
-    probe = " ".join(yaml.safe_load(command))
-    assert f"'127.0.0.1', {AdminConfig().port}" in probe
+    command = yaml.safe_load(healthcheck[healthcheck.index("CMD ") + len("CMD ") :])
+    assert isinstance(command, list), "HEALTHCHECK CMD in exec form: the image may have no shell"
+    return [str(part) for part in command]
+
+
+def test_dockerfile_healthcheck_targets_admin_healthz() -> None:
+    probe = " ".join(_healthcheck())
+    assert f"'127.0.0.1', {AdminConfig().port}," in probe
     assert "'/healthz'" in probe
+
+
+async def _run_healthcheck(port: int) -> int:
+    """The HEALTHCHECK command as the image runs it, aimed at `port` instead of 9901."""
+    command = _healthcheck()
+    assert command[:2] == ["python", "-c"]
+    code = command[2].replace(f"'127.0.0.1', {AdminConfig().port},", f"'127.0.0.1', {port},")
+    result = await trio.run_process([sys.executable, "-c", code], check=False, capture_stderr=True)
+    return result.returncode
+
+
+async def test_dockerfile_healthcheck_passes_on_healthz_only(nursery: trio.Nursery) -> None:
+    """Run for real: 0 against a live admin listener; non-zero on a refused connection and on
+    a non-200 answer."""
+    upstream = await start_fake_upstream(nursery, default=Reply(status=503))
+    daemon = await start_daemon(nursery, simple_config(upstream_config(upstream.url())))
+    assert await _run_healthcheck(daemon.admin_port) == 0
+    unhealthy = urlsplit(upstream.url()).port
+    assert unhealthy is not None
+    assert await _run_healthcheck(unhealthy) != 0
+    with socket.socket() as closed:  # bound, never listening: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        assert await _run_healthcheck(closed.getsockname()[1]) != 0
 
 
 def test_dockerfile_user_is_numeric_non_root() -> None:
