@@ -2,10 +2,10 @@
 
 Every daemon config embedded in a ConfigMap under `k8s/` goes through the real config loader
 (with the Secret files it reads laid out in a tmp dir), and the Pod around it is checked
-against that config: container ports, probe ports and paths, Services, the Redis address,
-where the Secrets are mounted, and the shutdown timing (preStop + drain.grace_period within
-terminationGracePeriodSeconds). The Dockerfile's HEALTHCHECK and CMD are checked against the
-admin listener's defaults. Schema, lint and policy checks of the same files are in
+against that config: container ports, probe ports and paths, Services, NetworkPolicy ports,
+the Redis address, where the Secrets are mounted, and the shutdown timing (preStop +
+drain.grace_period within terminationGracePeriodSeconds). The Dockerfile's CMD and HEALTHCHECK
+are checked against the admin listener's defaults, and the HEALTHCHECK command is run. Schema, lint and policy checks of the same files are in
 scripts/check-deploy.
 """
 
@@ -318,6 +318,27 @@ def test_redis_is_in_the_manifest(case: Case, tmp_path: Path) -> None:
     assert len(services) == 1, f"no Service {name!r} for redis.url"
     assert (url.port or 6379) in {p["port"] for p in services[0]["spec"]["ports"]}
     assert any(u.breaker.shared == "redis" for u in config.upstreams.values())
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_network_policies_match_ports(case: Case, tmp_path: Path) -> None:
+    """A NetworkPolicy on the ambassador's Pods admits only data ports (never the admin port),
+    and lets it reach the Redis it is configured with."""
+    config = _load_case(case, tmp_path)
+    labels = case.workload["spec"]["template"]["metadata"]["labels"]
+    policies = [
+        p
+        for p in case.objects("NetworkPolicy")
+        if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ]
+    assert policies, "every example isolates its Pods"
+    data_ports = {lst.port for lst in config.listeners if not _is_loopback(lst.host)}
+    for policy in policies:
+        ingress_ports = {port["port"] for rule in policy["spec"].get("ingress", []) for port in rule["ports"]}
+        assert ingress_ports <= data_ports
+        if config.redis.url is not None:
+            egress_ports = {port["port"] for rule in policy["spec"]["egress"] for port in rule["ports"]}
+            assert (urlsplit(config.redis.url).port or 6379) in egress_ports
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
