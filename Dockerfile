@@ -21,7 +21,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY resilient_ambassador ./resilient_ambassador
-RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels .
+# With the `otlp` extra: OTEL_TRACES_EXPORTER=otlp works in the image without another layer.
+RUN python -m pip wheel --no-cache-dir --wheel-dir /wheels ".[otlp]"
 
 # --- runtime: the wheels installed into a venv; no compiler, no wheel files, no pip cache ----
 FROM python:3.12.12-slim-bookworm@sha256:593bd06efe90efa80dc4eee3948be7c0fde4134606dd40d8dd8dbcade98e669c
@@ -36,7 +37,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     python -m venv --without-pip /opt/venv \
     && python -m pip --python /opt/venv/bin/python install --no-cache-dir --no-index \
-       --find-links=/wheels /wheels/resilient_ambassador-*.whl
+       --find-links=/wheels "resilient-ambassador[otlp]"
 
 # Any numeric non-root UID works (Kubernetes' runAsNonRoot can only verify a numeric one);
 # 10001 stays clear of the host's system and login users. The daemon writes nothing to disk,
