@@ -5,8 +5,8 @@ Every daemon config embedded in a ConfigMap under `k8s/` goes through the real c
 against that config: container ports, probe ports and paths, Services, NetworkPolicy ports,
 the Redis address, where the Secrets are mounted, and the shutdown timing (preStop +
 drain.grace_period within terminationGracePeriodSeconds). The Dockerfile's CMD and HEALTHCHECK
-are checked against the admin listener's defaults, and the HEALTHCHECK command is run. Schema, lint and policy checks of the same files are in
-scripts/check-deploy.
+are checked against the admin listener's defaults, and the HEALTHCHECK command is run. Schema,
+lint and policy checks of the same files are in scripts/check-deploy.
 """
 
 from __future__ import annotations

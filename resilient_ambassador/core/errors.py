@@ -111,6 +111,13 @@ class NoRoute(ProxyError):
     reason = "no_route"
 
 
+class LoopDetected(ProxyError):
+    """The request came back through an ambassador (Via): forwarding it again would loop."""
+
+    status = 508
+    reason = "loop_detected"
+
+
 def describe_parse_error(message: str) -> str:
     """A parser's complaint without the bytes it quotes: h11 says `illegal header line:
     bytearray(b'Authorization : Bearer ...')`, and those bytes may be a credential, which must

@@ -35,6 +35,9 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
 )
 
 VIA_PSEUDONYM = b"resilient-ambassador"
+# Requests that already passed this many ambassadors are refused (508): a loop through other
+# pods or processes, which the instance id below cannot see.
+MAX_AMBASSADOR_HOPS = 5
 
 HEAD_END = b"\r\n\r\n"
 
@@ -157,6 +160,25 @@ def connection_tokens(headers: Headers) -> set[bytes]:
     return tokens
 
 
+def via_loop(headers: Headers, instance: bytes) -> str | None:
+    """Why this request is looping (None if it is not): our own instance in `Via` (it came
+    back to this very process), or more than MAX_AMBASSADOR_HOPS ambassadors before us."""
+    hops = 0
+    own = b"(" + instance + b")"
+    for name, value in headers:
+        if name != b"via":
+            continue
+        for entry in value.split(b","):
+            parts = entry.split()
+            if len(parts) >= 2 and parts[1].lower() == VIA_PSEUDONYM:
+                hops += 1
+                if own in entry:
+                    return "the request came back to this ambassador"
+    if hops >= MAX_AMBASSADOR_HOPS:
+        return f"the request already passed {hops} ambassadors"
+    return None
+
+
 def forward_request_headers(
     headers: Headers,
     *,
@@ -164,6 +186,7 @@ def forward_request_headers(
     client_ip: bytes,
     downstream_scheme: bytes,
     chunked_body: bool,
+    instance: bytes = b"",
 ) -> Headers:
     """Headers for the upstream request: hop-by-hop and Connection-named fields removed, Host
     rewritten, X-Forwarded-* and Via added. Injected headers are added later, at the very last
@@ -190,7 +213,7 @@ def forward_request_headers(
     out.append((b"x-forwarded-proto", downstream_scheme))
     if original_host:
         out.append((b"x-forwarded-host", original_host))
-    own_via = b"1.1 " + VIA_PSEUDONYM
+    own_via = b"1.1 " + VIA_PSEUDONYM + (b" (" + instance + b")" if instance else b"")
     out.append((b"via", own_via if via is None else via + b", " + own_via))
     if chunked_body:
         out.append((b"transfer-encoding", b"chunked"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,13 +22,20 @@ import trio
 
 from resilient_ambassador.core.access_log import AccessRecord, redact_target
 from resilient_ambassador.core.config import ClientLimits, ListenerConfig, RouteConfig
-from resilient_ambassador.core.errors import ClientError, NoRoute, ProxyError, describe_parse_error
+from resilient_ambassador.core.errors import (
+    ClientError,
+    LoopDetected,
+    NoRoute,
+    ProxyError,
+    describe_parse_error,
+)
 from resilient_ambassador.core.headers import (
     check_request,
     forward_request_headers,
     normalize_path,
     origin_form_target,
     scan_request_head,
+    via_loop,
 )
 from resilient_ambassador.core.log_throttle import LogThrottle
 from resilient_ambassador.core.messages import (
@@ -45,6 +53,9 @@ from resilient_ambassador.net.access_log import AccessLog
 log = logging.getLogger("resilient_ambassador.server")
 
 RECEIVE_BYTES = 65536
+# This process in `Via` (as a comment after our pseudonym): a request that comes back with it
+# is a loop (508). Random per process; it says nothing about the deployment.
+INSTANCE_ID = os.urandom(4).hex().encode()
 # Flush what we coalesced once it reaches this size, even if more is ready.
 FLUSH_BYTES = 65536
 REASON_HEADER = b"x-ambassador-error"
@@ -351,6 +362,8 @@ class ClientConnection:
         has_body = chunked or bool(length)
         if not has_body:
             self.h11.next_event()  # the EndOfMessage of a bodiless request: no I/O needed
+        if (loop := via_loop(headers, INSTANCE_ID)) is not None:
+            raise LoopDetected(loop)
         target = normalize_path(origin_form_target(event.target, host))
         match = self.server.router.match(host, target)
         if match is None:
@@ -371,6 +384,7 @@ class ClientConnection:
                 client_ip=self.peer_ip,
                 downstream_scheme=b"http",
                 chunked_body=chunked,
+                instance=INSTANCE_ID,
             ),
             body=body,
             http_version=event.http_version,

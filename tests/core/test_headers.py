@@ -202,3 +202,16 @@ def test_response_headers_for_client_drops_hop_by_hop_and_secret_echoes() -> Non
         [b"SECRET"],
     )
     assert out == [(b"content-type", b"text/plain")]
+
+
+def test_via_loop_detection() -> None:
+    from resilient_ambassador.core.headers import MAX_AMBASSADOR_HOPS, via_loop
+
+    me = b"a1b2c3d4"
+    assert via_loop([(b"via", b"1.0 squid, 1.1 resilient-ambassador (00000000)")], me) is None
+    assert via_loop([(b"via", b"1.1 resilient-ambassador (a1b2c3d4)")], me) == (
+        "the request came back to this ambassador"
+    )
+    chain = b", ".join(b"1.1 resilient-ambassador (%08d)" % i for i in range(MAX_AMBASSADOR_HOPS))
+    assert via_loop([(b"via", chain)], me) == f"the request already passed {MAX_AMBASSADOR_HOPS} ambassadors"
+    assert via_loop([(b"host", b"x")], me) is None

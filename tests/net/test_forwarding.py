@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+import socket
 from pathlib import Path
 
 import trio
@@ -46,7 +49,7 @@ async def test_get_is_forwarded_with_proxy_headers(nursery: trio.Nursery) -> Non
     assert seen.header("x-forwarded-for") == "10.0.0.9, 127.0.0.1"
     assert seen.header("x-forwarded-proto") == "http"
     assert seen.header("x-forwarded-host") == f"127.0.0.1:{daemon.port}"
-    assert seen.header("via") == "1.1 resilient-ambassador"
+    assert re.fullmatch(r"1\.1 resilient-ambassador \([0-9a-f]{8}\)", seen.header("via") or "")
     assert seen.header("accept") == "application/json"
     for hop in ("connection", "x-drop-me", "keep-alive", "x_sneaky"):
         assert seen.header(hop) is None, hop
@@ -336,3 +339,19 @@ async def test_options_asterisk_is_forwarded_untouched(nursery: trio.Nursery) ->
 
     assert raw.startswith(b"HTTP/1.1 200 ")
     assert upstream.received[0].target == b"*"
+
+
+async def test_a_request_looping_back_to_the_daemon_gets_508(nursery: trio.Nursery) -> None:
+    # The daemon's upstream is the daemon itself (a misconfiguration, or a Service that
+    # points back at the pod): the second pass sees its own Via entry and stops the loop.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = simple_config(upstream_config(f"http://127.0.0.1:{port}"))
+    listener = dataclasses.replace(config.listeners[0], port=port)
+    daemon = await start_daemon(nursery, dataclasses.replace(config, listeners=(listener,)))
+
+    response = await http_request(daemon.port, "GET", "/")
+
+    assert response.status == 508
+    assert response.header("x-ambassador-error") == "loop_detected"
