@@ -36,6 +36,8 @@ from resilient_ambassador.core.messages import Body, Request, Response
 from resilient_ambassador.net.tls import client_context
 from resilient_ambassador.secrets import SecretResolver
 
+POOL_EXHAUSTED_RETRY_AFTER_S = 1.0
+
 log = logging.getLogger("resilient_ambassador.upstream")
 
 RECEIVE_BYTES = 65536
@@ -128,8 +130,11 @@ class ConnectionPool:
         with trio.move_on_at(min(trio.current_time() + timeout_s, deadline)):
             await self._slots.acquire()
             return
+        # Retry-After 1: local saturation clears as soon as requests in flight finish.
         raise UpstreamPoolTimeout(
-            f"no free connection within {timeout_s:g}s or the attempt's deadline", upstream=self.config.name
+            f"no free connection within {timeout_s:g}s or the attempt's deadline",
+            upstream=self.config.name,
+            retry_after_s=POOL_EXHAUSTED_RETRY_AFTER_S,
         )
 
     async def checkout(self, *, fresh: bool = False) -> tuple[UpstreamConnection, bool]:

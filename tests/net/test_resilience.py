@@ -217,6 +217,7 @@ async def test_waiting_for_a_pool_slot_is_not_an_upstream_failure(nursery: trio.
         starved = await http_request(daemon.port, "GET", "/starved")
 
     assert (starved.status, starved.header("x-ambassador-error")) == (503, "upstream_pool_exhausted")
+    assert starved.header("retry-after") == "1"
     breaker_stage = daemon.app.breakers["up"]
     assert isinstance(breaker_stage, BreakerStage)
     assert breaker_stage.state == "closed"
