@@ -77,8 +77,8 @@ def test_garbage_is_ignored_and_huge_values_capped(value: str) -> None:
 def test_pause_holds_until_reset_and_never_shortens() -> None:
     state = QuotaState()
     state.observe(QuotaObservation(pause_s=10.0), now=100.0)
-    assert state.reserve(101.0, max_wait_s=20.0) == (True, pytest.approx(9.0))
-    assert state.reserve(101.0, max_wait_s=1.0) == (False, pytest.approx(9.0))
+    assert state.reserve(101.0, max_wait_s=20.0) == pytest.approx((True, 9.0))
+    assert state.reserve(101.0, max_wait_s=1.0) == pytest.approx((False, 9.0))
     state.observe(QuotaObservation(pause_s=1.0), now=101.0)
     assert state.paused_for(101.0) == pytest.approx(9.0)
     assert state.reserve(110.0, max_wait_s=0.0) == (True, 0.0)

@@ -39,10 +39,12 @@ def test_remaining_reset_and_retry_after() -> None:
     limit = Limit(10, 1.0, 5)
     tat = -math.inf
     first, tat = gcra(tat, 100.0, limit)
-    assert (first.allowed, first.remaining, first.reset_s) == (True, 4, pytest.approx(0.1))
+    assert (first.allowed, first.remaining) == (True, 4)
+    assert first.reset_s == pytest.approx(0.1)
     for _ in range(4):
         decision, tat = gcra(tat, 100.0, limit)
-    assert (decision.remaining, decision.reset_s) == (0, pytest.approx(0.5))
+    assert decision.remaining == 0
+    assert decision.reset_s == pytest.approx(0.5)
     refused, same_tat = gcra(tat, 100.0, limit)
     assert not refused.allowed
     assert same_tat == tat  # a refusal takes nothing
