@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import final
@@ -21,7 +21,9 @@ from resilient_ambassador.net.server import HttpServer, RouteRuntime
 from resilient_ambassador.net.upstream import ConnectionPool, UpstreamClient
 from resilient_ambassador.secrets import SecretResolver
 from resilient_ambassador.stages.breaker import BreakerStage, maybe_breaker
+from resilient_ambassador.stages.ratelimit import QuotaStage, QuotaTracker, RateLimitStage
 from resilient_ambassador.stages.retry import RetryStage
+from resilient_ambassador.stores.ratelimit import Buckets, MemoryBuckets, RedisBuckets
 from resilient_ambassador.stores.redis_client import RedisRunner
 from resilient_ambassador.stores.shared_breaker import SharedBreakerSync
 
@@ -36,15 +38,19 @@ def upstream_host(config: UpstreamConfig) -> bytes:
     return (config.host_header or config.url.authority).encode()
 
 
-def build_pipeline(route: RouteConfig, upstream: Handler) -> Handler:
-    """A route's chain of stages, outermost first: retry -> breaker -> upstream client.
+def build_pipeline(
+    route: RouteConfig, upstream: Handler, rate_limit: Callable[[Handler], Handler] | None = None
+) -> Handler:
+    """A route's chain of stages, outermost first: retry -> rate limit -> breaker -> upstream
+    client. (`upstream` may already carry the upstream's quota stage in front of its breaker;
+    `rate_limit` wraps the handler in the route's RateLimitStage.)
 
     `upstream` is the upstream's shared breaker (or its client when the breaker is off): one
     breaker per upstream, whatever the number of routes. Retry sits outside it, so every
     attempt passes the breaker and an open breaker is never retried. Cache and rate limit
     slot in here as they land (cache outermost: a hit spends no quota; rate limit between
     retry and breaker: every attempt takes a token)."""
-    handler = upstream
+    handler = upstream if rate_limit is None else rate_limit(upstream)
     # The retry stage also owns the route deadline and the client deadline header.
     if route.retry.retries > 0 or route.timeout_s is not None or route.deadline_header is not None:
         handler = RetryStage(
@@ -107,12 +113,21 @@ class App:
             self.breaker_sync = SharedBreakerSync(self.redis, key_prefix=config.redis.key_prefix)
             for stage in shared:
                 self.breaker_sync.register(stage)
+        # Upstream-quota awareness: one tracker per upstream, in front of its breaker(s).
+        self.quotas = {
+            name: QuotaTracker(name, up.quota) for name, up in config.upstreams.items() if up.quota.enabled
+        }
+        # Rate limits: one stage per route with a `rate_limit`; memory buckets are shared by
+        # the routes of this process (a `key: upstream` bucket spans routes).
+        self.rate_limits: dict[str, RateLimitStage] = {}
+        self._redis_buckets: dict[str, RedisBuckets] = {}
+        self._memory_buckets = MemoryBuckets()
         self.servers: list[HttpServer] = []
         for listener in config.listeners:
             routes = {
                 id(route): RouteRuntime(
                     config=route,
-                    handler=build_pipeline(route, self.breakers[self.breaker_name(route)]),
+                    handler=build_pipeline(route, self._upstream_handler(route), self._rate_limiter(route)),
                     upstream_host=upstream_host(config.upstreams[route.upstream]),
                 )
                 for route in listener.routes
@@ -129,6 +144,48 @@ class App:
         self._serving = False
         self._started_at: float | None = None
         self.draining = False
+
+    def _upstream_handler(self, route: RouteConfig) -> Handler:
+        """The route's breaker, behind the upstream's quota stage when quota awareness is on."""
+        handler = self.breakers[self.breaker_name(route)]
+        tracker = self.quotas.get(route.upstream)
+        return handler if tracker is None else QuotaStage(handler, tracker)
+
+    def _rate_limiter(self, route: RouteConfig) -> Callable[[Handler], Handler] | None:
+        limit = route.rate_limit
+        if limit is None:
+            return None
+        buckets: Buckets = self._memory_buckets
+        if limit.backend == "redis":
+            if self.redis is None:
+                log.warning(
+                    "route %s: rate_limit backend is redis but no redis.url is set: memory", route.name
+                )
+            else:
+                redis_buckets = RedisBuckets(
+                    self.redis,
+                    key_prefix=self.config.redis.key_prefix,
+                    on_failure=limit.on_backend_failure,
+                    local_share=1.0 / limit.expected_replicas,
+                    fallback=self._memory_buckets,
+                )
+                self._redis_buckets[route.name] = redis_buckets
+                buckets = redis_buckets
+        client = self.clients[route.upstream]
+
+        def wrap(inner: Handler) -> Handler:
+            stage = RateLimitStage(
+                inner,
+                limit,
+                buckets,
+                route=route.name,
+                upstream=route.upstream,
+                credential=client.credential_fingerprint,
+            )
+            self.rate_limits[route.name] = stage
+            return stage
+
+        return wrap
 
     @staticmethod
     def breaker_name(route: RouteConfig) -> str:
@@ -273,7 +330,25 @@ class App:
             "upstreams": upstreams,
             "breakers": breakers,
             "shared_breaker": shared,
+            "rate_limits": self._rate_limit_stats(),
         }
+
+    def _rate_limit_stats(self) -> dict[str, Json]:
+        routes: dict[str, Json] = {}
+        for name, stage in self.rate_limits.items():
+            stats = stage.stats
+            redis_buckets = self._redis_buckets.get(name)
+            if redis_buckets is not None:
+                stats.backend_fallbacks = redis_buckets.fallbacks
+            doc: dict[str, Json] = dict(asdict(stats))
+            doc["queue_wait_s"] = round(stats.queue_wait_s, 6)
+            routes[name] = doc
+        quotas: dict[str, Json] = {}
+        for name, tracker in self.quotas.items():
+            doc = dict(asdict(tracker.stats))
+            doc["paused_for_s"] = round(tracker.state.paused_for(trio.current_time()), 3)
+            quotas[name] = doc
+        return {"routes": routes, "upstream_quota": quotas}
 
     def drain(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, close idle

@@ -21,6 +21,10 @@ from typing import final
 
 from resilient_ambassador.core.fingerprint import fingerprint
 
+# A token due within a microsecond counts as due: float sums such as 0.1 + 0.1 + 0.1 must not
+# refuse a request that arrives exactly on time (Redis's clock has microseconds, no finer).
+EPSILON_S = 1e-6
+
 
 @final
 @dataclass(frozen=True, slots=True)
@@ -85,7 +89,7 @@ def gcra(tat: float, now: float, limit: Limit, max_wait_s: float = 0.0) -> tuple
     interval = limit.interval_s
     new_tat = max(tat, now) + interval
     wait_s = new_tat - limit.burst * interval - now
-    if wait_s > max_wait_s:
+    if wait_s > max_wait_s + EPSILON_S:
         return decision_from(False, wait_s, tat - now, limit), tat
     return decision_from(True, wait_s, new_tat - now, limit), new_tat
 

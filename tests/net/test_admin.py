@@ -108,6 +108,7 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
         "upstreams",
         "breakers",
         "shared_breaker",
+        "rate_limits",
     }
     assert (before["ready"], before["draining"], before["shared_breaker"]) == (True, False, None)
     assert before["uptime_s"] >= 0
