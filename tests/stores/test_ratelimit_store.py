@@ -1,7 +1,8 @@
-"""Rate-limit buckets: one contract suite run against memory and a real Redis (the machine's,
-with a unique key prefix), then Redis faults against a private redis-server: down at start,
-killed mid-run and back, paused with CLIENT PAUSE. Redis runs in real time, so these use the
-wall clock with fast limits (intervals of tens of milliseconds)."""
+"""Rate-limit buckets: one contract suite run against memory and a real Redis (a private
+redis-server for the module, a unique key prefix per test), then Redis faults against a
+redis-server of the test's own: down at start, killed mid-run and back, paused with CLIENT
+PAUSE. Redis runs in real time, so these use the wall clock with fast limits (intervals of tens
+of milliseconds)."""
 
 from __future__ import annotations
 
@@ -17,18 +18,24 @@ from resilient_ambassador.stores.ratelimit import Buckets, MemoryBuckets, RedisB
 from resilient_ambassador.stores.redis_client import RedisRunner, make_redis
 from tests.stores.redis_server import RedisServer, free_port, redis_server
 
-SHARED_REDIS = "redis://127.0.0.1:6379/0"
 BUDGET_S = 0.2
 SLACK_S = 0.15
 FIVE_AT_ONCE = Limit(20, 1.0, 5)  # a token every 50 ms, five at once
 
 
+@pytest.fixture(scope="module")
+def shared_redis() -> Iterator[str]:
+    """One redis-server for the contract tests (a fresh machine may run none on 6379)."""
+    with redis_server() as server:
+        yield server.url
+
+
 @pytest.fixture(params=["memory", "redis"])
-async def buckets(request: pytest.FixtureRequest) -> AsyncIterator[Buckets]:
+async def buckets(request: pytest.FixtureRequest, shared_redis: str) -> AsyncIterator[Buckets]:
     if request.param == "memory":
         yield MemoryBuckets()
         return
-    runner = RedisRunner.from_url(SHARED_REDIS, timeout_s=0.5)
+    runner = RedisRunner.from_url(shared_redis, timeout_s=0.5)
     try:
         yield RedisBuckets(runner, key_prefix=f"test:{secrets.token_hex(6)}:")
     finally:
@@ -96,8 +103,8 @@ async def test_concurrent_decisions_admit_exactly_the_burst(buckets: Buckets) ->
 # -- Redis specifics ---------------------------------------------------------------------------
 
 
-async def test_redis_key_is_prefix_plus_hash_with_a_ttl() -> None:
-    runner = RedisRunner.from_url(SHARED_REDIS)
+async def test_redis_key_is_prefix_plus_hash_with_a_ttl(shared_redis: str) -> None:
+    runner = RedisRunner.from_url(shared_redis)
     prefix = f"test:{secrets.token_hex(6)}:"
     try:
         store = RedisBuckets(runner, key_prefix=prefix)
