@@ -26,6 +26,7 @@ from resilient_ambassador.stages.retry import RetryStage
 from resilient_ambassador.stores.ratelimit import Buckets, MemoryBuckets, RedisBuckets
 from resilient_ambassador.stores.redis_client import RedisRunner
 from resilient_ambassador.stores.shared_breaker import SharedBreakerSync
+from resilient_ambassador.stores.shared_quota import SharedQuotaSync
 
 log = logging.getLogger("resilient_ambassador")
 
@@ -117,6 +118,12 @@ class App:
         self.quotas = {
             name: QuotaTracker(name, up.quota) for name, up in config.upstreams.items() if up.quota.enabled
         }
+        self.quota_sync: SharedQuotaSync | None = None
+        shared_quotas = [t for t in self.quotas.values() if t.config.shared == "redis"]
+        if shared_quotas and self.redis is not None:
+            self.quota_sync = SharedQuotaSync(self.redis, key_prefix=config.redis.key_prefix)
+            for tracker in shared_quotas:
+                self.quota_sync.register(tracker)
         # Rate limits: one stage per route with a `rate_limit`; memory buckets are shared by
         # the routes of this process (a `key: upstream` bucket spans routes).
         self.rate_limits: dict[str, RateLimitStage] = {}
@@ -232,6 +239,8 @@ class App:
             async with trio.open_nursery() as background:
                 if self.breaker_sync is not None:
                     await background.start(self.breaker_sync.run)
+                if self.quota_sync is not None:
+                    await background.start(self.quota_sync.run)
                 if self.admin is not None and bound.admin:
                     background.start_soon(trio.serve_listeners, self.admin.handle_connection, bound.admin)
                     log.info("admin listener on %s", ", ".join(_address(lst) for lst in bound.admin))
@@ -348,7 +357,11 @@ class App:
             doc = dict(asdict(tracker.stats))
             doc["paused_for_s"] = round(tracker.state.paused_for(trio.current_time()), 3)
             quotas[name] = doc
-        return {"routes": routes, "upstream_quota": quotas}
+        shared: Json = None
+        if self.quota_sync is not None:
+            sync = self.quota_sync
+            shared = {"published": sync.published, "applied": sync.applied, "sync_errors": sync.sync_errors}
+        return {"routes": routes, "upstream_quota": quotas, "shared_quota": shared}
 
     def drain(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, close idle

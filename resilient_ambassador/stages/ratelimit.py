@@ -37,6 +37,10 @@ from resilient_ambassador.stores.ratelimit import Buckets
 
 log = logging.getLogger("resilient_ambassador.ratelimit")
 
+# A peer's pause read back from Redis must exceed ours by this much to count as news (our own
+# published pause comes back rounded to milliseconds and aged by the round trip).
+PEER_PAUSE_SLACK_S = 0.05
+
 
 @dataclass(slots=True)
 class RateLimitStats:
@@ -192,10 +196,20 @@ class QuotaTracker:
             if self.on_pause is not None:
                 self.on_pause(pause_s)
 
-    def pause_from_peer(self, pause_s: float) -> None:
-        """Another daemon saw the upstream's quota run out (read back from Redis)."""
-        if pause_s > self.state.paused_for(self._clock()):
-            self.state.pause(pause_s, self._clock())
+    def pause_from_peer(self, pause_s: float) -> bool:
+        """Another daemon saw the upstream's quota run out (read back from Redis); True when
+        that holds traffic here longer than it already was."""
+        now = self._clock()
+        # Our own published pause comes back a little shorter; only a longer one is news.
+        if pause_s <= self.state.paused_for(now) + PEER_PAUSE_SLACK_S:
+            return False
+        self.state.pause(pause_s, now)
+        log.warning(
+            "upstream %s quota spent (seen by another daemon): holding its traffic for %.1fs",
+            self.upstream,
+            pause_s,
+        )
+        return True
 
 
 @final

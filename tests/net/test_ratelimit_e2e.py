@@ -129,3 +129,30 @@ async def test_redis_down_at_start_falls_back_to_the_local_share(nursery: trio.N
     assert statuses == [200, 200, 200, 429]  # half of the burst of 6: no 5xx because Redis failed
     stats = await get_stats(daemon.admin_port)
     assert stats["rate_limits"]["routes"]["api"]["backend_fallbacks"] == 4  # type: ignore[index]
+
+
+async def test_an_upstream_pause_is_shared_through_redis(nursery: trio.Nursery, redis: RedisServer) -> None:
+    upstream = await start_fake_upstream(nursery)
+    upstream.script(Reply(status=429, headers=[("retry-after", "60")]))
+    quota = QuotaConfig(enabled=True, mode="reject", shared="redis")
+    config = dataclasses.replace(
+        simple_config(upstream_config(upstream.url(), quota=quota)),
+        redis=RedisConfig(url=redis.url, key_prefix=f"t-{uuid.uuid4().hex}:"),
+    )
+    pod_a = await start_daemon(nursery, config)
+    pod_b = await start_daemon(nursery, config)
+
+    assert (await http_request(pod_a.port, "GET", "/")).status == 429  # the upstream's
+    tracker_b = pod_b.app.quotas["up"]
+    with trio.fail_after(3):  # the sync polls every 0.5 s
+        while True:
+            if tracker_b.state.paused_for(trio.current_time()) > 0:
+                break
+            await trio.sleep(0.02)
+    held = await http_request(pod_b.port, "GET", "/")
+
+    assert held.header("x-ambassador-error") == "upstream_quota_exhausted"
+    assert 55 <= int(held.header("retry-after") or 0) <= 60
+    assert len(upstream.received) == 1  # pod B never asked
+    assert pod_b.app.quota_sync is not None
+    assert pod_b.app.quota_sync.applied == 1
