@@ -240,10 +240,11 @@ def passthrough_part(redis_url: str, args: argparse.Namespace) -> dict[str, Any]
 # -- part 3: accuracy ----------------------------------------------------------------------------
 
 
-def _admitted(admin_port: int) -> tuple[int, int]:
+def _admitted(admin_port: int) -> tuple[int, int, int]:
+    """(admitted, rejected, decisions made without Redis) so far, from the daemon's /stats."""
     with urllib.request.urlopen(f"http://{LOOPBACK}:{admin_port}/stats", timeout=5) as reply:
         route = json.loads(reply.read())["rate_limits"]["routes"][ROUTE]
-    return int(route["admitted"]), int(route["rejected"])
+    return int(route["admitted"]), int(route["rejected"]), int(route["backend_fallbacks"])
 
 
 def _wait(barrier: threading.Barrier) -> None:
@@ -295,6 +296,7 @@ def accuracy_part(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
     per_daemon = [a[0] - b[0] for a, b in zip(after, before, strict=True)]
     admitted = sum(per_daemon)
     rejected = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    fallbacks = sum(a[2] - b[2] for a, b in zip(after, before, strict=True))
     expected = ACCURACY_RATE * window_s
     error = admitted / expected - 1
     within = abs(error) <= ACCURACY_TOLERANCE
@@ -305,7 +307,8 @@ def accuracy_part(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"  admitted {admitted} (per daemon {per_daemon}), expected {expected:.0f}: "
         f"{error:+.1%} ({'within' if within else 'OUTSIDE'} +/-{ACCURACY_TOLERANCE:.0%}); "
-        f"refused {rejected} in the window ({rejected / counted_s:,.0f}/s offered over the limit)"
+        f"refused {rejected} in the window ({rejected / counted_s:,.0f}/s offered over the limit); "
+        f"decisions without Redis (local fallback): {fallbacks}"
     )
     offered = sum(r.requests for r in results)
     print(
@@ -323,6 +326,7 @@ def accuracy_part(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
         "error": error,
         "within_tolerance": within,
         "rejected_in_window": rejected,
+        "backend_fallbacks_in_window": fallbacks,
         "admitted_whole_run": sum(t[0] for t in totals),
     }
 

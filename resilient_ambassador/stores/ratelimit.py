@@ -8,9 +8,13 @@ processes share one clock whatever their own clocks say. One key per bucket,
 full again (an absent key and a full bucket are the same thing, so idle keys cost nothing).
 
 Redis calls go through the daemon's one `RedisRunner` (off the trio thread, budgeted, with its
-own small breaker). When Redis does not answer, `on_failure` decides: `local` falls back to an
-in-memory bucket with this process's share of the rate, `allow` admits, `deny` refuses. The
-next call after the runner's cool-down tries Redis again, so it recovers by itself.
+own small breaker). Decisions that arrive while one is in flight are coalesced: the next call
+sends all of them in one pipeline, so a busy daemon pays one thread hop and one round trip per
+batch, not per request (each decision is still its own atomic script run).
+
+When Redis does not answer, `on_failure` decides: `local` falls back to an in-memory bucket
+with this process's share of the rate, `allow` admits, `deny` refuses. The next call after the
+runner's cool-down tries Redis again, so it recovers by itself.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, final
 
 import redis
@@ -35,6 +40,8 @@ PRUNE_MIN_KEYS = 4096
 # What a refused decision tells the client to wait when Redis is down and on_failure is deny:
 # about the runner's cool-down, after which Redis is tried again.
 DENY_RETRY_AFTER_S = 1.0
+# Decisions sent in one pipeline at most; more wait for the next round trip.
+MAX_BATCH = 128
 
 # KEYS[1] the bucket; ARGV: interval_s, burst, max_wait_s. The same maths and epsilon as
 # core.ratelimit.gcra; returns {allowed, wait_s, ahead_s} for decision_from (numbers as strings:
@@ -94,6 +101,18 @@ class MemoryBuckets:
 OnFailure = Literal["local", "allow", "deny"]
 
 
+@dataclass(slots=True)
+class _Pending:
+    """One decision waiting for a batch: its script arguments, then its reply or error."""
+
+    key: str
+    args: list[str]
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: Any = None
+    error: Exception | None = None
+    answered: bool = False
+
+
 @final
 class RedisBuckets:
     """Buckets in Redis, shared by every process using it; `on_failure` when it is away.
@@ -118,20 +137,31 @@ class RedisBuckets:
         self._fallback = fallback or MemoryBuckets()
         self._script = runner.client.register_script(GCRA_LUA)  # no I/O: sha1 only
         self.fallbacks = 0  # decisions made without Redis
+        self.round_trips = 0  # batches sent (decisions / round_trips = mean batch size)
         self._degraded = False
+        self._queue: list[_Pending] = []
+        self._leading = False  # a batch is in flight; its leader starts the next one
 
     def redis_key(self, key: str) -> str:
         return self._prefix + key
 
     async def acquire(self, key: str, limit: Limit, max_wait_s: float) -> Decision:
-        script, keys = self._script, [self._prefix + key]
-        args = [repr(limit.interval_s), str(limit.burst), repr(max(0.0, max_wait_s))]
-
-        def decide(client: redis.Redis) -> Any:
-            return script(keys=keys, args=args, client=client)
-
+        item = _Pending(
+            self._prefix + key, [repr(limit.interval_s), str(limit.burst), repr(max(0.0, max_wait_s))]
+        )
+        self._queue.append(item)
         try:
-            reply = await self._runner.call(decide)
+            if self._leading:
+                await item.done.wait()  # answered by a batch, or woken to lead the next one
+            if not item.answered:
+                await self._send_batch()
+        except BaseException:
+            self._abandon(item)
+            raise
+        try:
+            if item.error is not None:
+                raise item.error
+            reply = item.reply
             allowed, wait_s, ahead_s = int(reply[0]), float(reply[1]), float(reply[2])
         except (StoreUnavailable, TypeError, ValueError, IndexError) as exc:
             return self._without_redis(key, limit, max_wait_s, exc)
@@ -139,6 +169,62 @@ class RedisBuckets:
             self._degraded = False
             log.info("rate limits are shared through redis again")
         return decision_from(bool(allowed), wait_s, ahead_s, limit)
+
+    async def _send_batch(self) -> None:
+        """Send the queued decisions (ours first) in one pipeline, answer them all, and wake the
+        next waiter to lead the batch after. Shielded: the others depend on this call, which
+        the runner bounds by its budget anyway."""
+        self._leading = True
+        batch = self._queue[:MAX_BATCH]
+        del self._queue[:MAX_BATCH]
+        try:
+            with trio.CancelScope(shield=True):
+                replies = await self._runner.call(self._pipeline([(i.key, i.args) for i in batch]))
+            self.round_trips += 1
+            for item, reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception):
+                    item.error = StoreUnavailable(f"redis refused the script: {reply}")
+                else:
+                    item.reply = reply
+        except StoreUnavailable as exc:
+            for item in batch:
+                item.error = exc
+        finally:
+            for item in batch:
+                item.answered = True
+                item.done.set()
+            self._next_leader()
+
+    def _next_leader(self) -> None:
+        if self._queue:
+            self._queue[0].done.set()  # it wakes unanswered and sends the next batch
+        else:
+            self._leading = False
+
+    def _abandon(self, item: _Pending) -> None:
+        """A caller cancelled before its batch went out: drop its decision, and if it had been
+        woken to lead, pass that on so nobody waits for a leader that is gone."""
+        if item in self._queue:
+            self._queue.remove(item)
+            if item.done.is_set():
+                self._next_leader()
+
+    def _pipeline(self, batch: list[tuple[str, list[str]]]) -> Callable[[redis.Redis], list[Any]]:
+        script = self._script
+
+        def run(client: redis.Redis) -> list[Any]:
+            for attempt in range(2):
+                pipe = client.pipeline(transaction=False)
+                for key, args in batch:
+                    pipe.evalsha(script.sha, 1, key, *args)
+                replies: list[Any] = pipe.execute(raise_on_error=False)
+                if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                    client.script_load(GCRA_LUA)  # flushed or restarted Redis: load, then once more
+                    continue
+                return replies
+            raise AssertionError("unreachable")
+
+        return run
 
     def _without_redis(self, key: str, limit: Limit, max_wait_s: float, exc: Exception) -> Decision:
         self.fallbacks += 1

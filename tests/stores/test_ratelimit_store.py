@@ -118,6 +118,37 @@ async def test_redis_key_is_prefix_plus_hash_with_a_ttl(shared_redis: str) -> No
         await runner.aclose()
 
 
+async def test_concurrent_decisions_share_round_trips_and_cancelled_callers_block_nobody(
+    shared_redis: str,
+) -> None:
+    runner = RedisRunner.from_url(shared_redis, timeout_s=0.5)
+    try:
+        store = RedisBuckets(runner, key_prefix=f"test:{secrets.token_hex(6)}:")
+        limit = Limit(1e6, 1.0, 1_000_000)
+        allowed: list[bool] = []
+
+        async def one() -> None:
+            allowed.append((await store.acquire(key(), limit, 0.0)).allowed)
+
+        async def gives_up() -> None:
+            with trio.move_on_after(0.0005):
+                await store.acquire(key(), limit, 0.0)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                for i in range(40):
+                    nursery.start_soon(one)
+                    if i % 8 == 1:
+                        nursery.start_soon(gives_up)
+        assert allowed == [True] * 40
+        assert store.round_trips < 40  # batched: several decisions per pipeline
+        assert store.fallbacks == 0
+        assert store._queue == []
+        assert not store._leading
+    finally:
+        await runner.aclose()
+
+
 async def test_script_is_loaded_again_after_script_flush() -> None:
     with redis_server() as server:
         runner = RedisRunner.from_url(server.url)
@@ -181,7 +212,7 @@ async def test_redis_down_at_start_follows_on_backend_failure(
 
 async def test_killed_mid_run_falls_back_then_recovers(server: RedisServer, fault_store: FaultStore) -> None:
     store = fault_store(server.url)
-    limit = Limit(1000, 1.0, 1000)
+    limit = Limit(1, 60.0, 1000)  # a 60 s TTL per token: the key outlives the test
     assert (await store.acquire("k", limit, 0.0)).allowed
     server.kill()
     started = trio.current_time()
