@@ -6,7 +6,10 @@ Three parts (--parts, default all three):
                the RedisRunner's worker threads), sequential and with 64 concurrent callers.
   passthrough  the daemon with no limit, a generous memory limit and a generous Redis limit
                (--rate-limit 1000000/s [--redis URL]), loaded one after the other in alternating
-               rounds: req/s, p50/p99, daemon CPU per request.
+               rounds: req/s, p50/p99, daemon CPU per request. Then the paired A/B of
+               passthrough.py: each limited daemon and an unlimited one under load at the same
+               time, pinned to one shared core, for the cost as CPU per request (sequential
+               runs on a shared VM scatter by tens of percent; the paired ratio holds).
   accuracy     4 daemon processes (`python -m resilient_ambassador run --rate-limit 50/s --redis
                URL`), hammered together; after a warm-up that empties the shared bucket, admitted
                requests are counted from each daemon's /stats over exactly --accuracy-window
@@ -39,6 +42,7 @@ from typing import Any
 
 import trio
 from loadgen import LoadResult, LoadSpec, run_load
+from passthrough import _pinned, split_cpus
 from servers import LOOPBACK, ServerProcess, free_port, start_server
 
 from resilient_ambassador.core.ratelimit import Limit
@@ -61,7 +65,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     p.add_argument("--quick", action="store_true", help="short runs: a smoke test, not a measurement")
     p.add_argument("--duration", type=float, default=5.0, help="seconds per pass-through run")
-    p.add_argument("--rounds", type=int, default=2, help="pass-through rounds (alternating order)")
+    p.add_argument("--rounds", type=int, default=3, help="pass-through rounds (sequential and paired)")
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--accuracy-window", type=float, default=10.0, help="seconds counted in the accuracy run")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
@@ -89,6 +93,7 @@ def private_redis() -> Iterator[str]:
     server = start_server(
         "redis",
         lambda port: [program, "--port", str(port), "--bind", LOOPBACK, "--save", "", "--appendonly", "no"],
+        cpus=split_cpus()[1],  # off the core the paired daemons share
     )
     try:
         yield f"redis://{LOOPBACK}:{server.port}/0"
@@ -166,7 +171,9 @@ def decision_part(redis_url: str, quick: bool) -> dict[str, Any]:
 # -- part 2: pass-through ----------------------------------------------------------------------
 
 
-def _load(server: ServerProcess, args: argparse.Namespace) -> dict[str, Any]:
+def _load(
+    server: ServerProcess, args: argparse.Namespace, ready: Callable[[], None] | None = None
+) -> dict[str, Any]:
     spec = LoadSpec(LOOPBACK, server.port, args.connections, args.duration, 1.0, processes=1)
     cpu: list[float | None] = []
     result = run_load(
@@ -174,6 +181,7 @@ def _load(server: ServerProcess, args: argparse.Namespace) -> dict[str, Any]:
         "builtin",
         on_measure_start=lambda: cpu.append(server.cpu_s()),
         on_measure_end=lambda: cpu.append(server.cpu_s()),
+        on_ready=ready,
     )
     cpu_us = math.nan
     if len(cpu) == 2 and cpu[0] is not None and cpu[1] is not None and result.requests:
@@ -235,6 +243,71 @@ def passthrough_part(redis_url: str, args: argparse.Namespace) -> dict[str, Any]
             f"cpu/req {summary[name]['cpu_ratio_vs_no_limit']:.2f}x"
         )
     return summary
+
+
+def _load_together(servers: Sequence[ServerProcess], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """`_load` on every server at once (one thread each); the warm-ups start together."""
+    together = threading.Barrier(len(servers))
+    loads: list[dict[str, Any]] = [{} for _ in servers]
+
+    def load(i: int) -> None:
+        loads[i] = _load(servers[i], args, lambda: _wait(together))
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(len(servers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return loads
+
+
+def paired_part(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Each limited daemon against an unlimited one, loaded together on one shared core."""
+    daemon_cpus, other_cpus = split_cpus()
+    limited: dict[str, tuple[str, ...]] = {
+        "memory-limit": ("--rate-limit", GENEROUS),
+        "redis-limit": ("--rate-limit", GENEROUS, "--redis", redis_url),
+    }
+    out: dict[str, Any] = {"cpus": None if daemon_cpus is None else sorted(daemon_cpus)}
+    upstream = start_server(
+        "upstream",
+        lambda port: [sys.executable, str(REPO_ROOT / "bench" / "canned_upstream.py"), "--listen", str(port)],
+        cpus=other_cpus,
+    )
+    print(f"paired A/B, both daemons on cpu {out['cpus']}, {args.duration:g} s x {args.rounds} rounds")
+    try:
+        for name, flags in limited.items():
+            rounds: list[dict[str, Any]] = []
+            for _ in range(args.rounds):
+                pair = [
+                    start_server(
+                        n,
+                        daemon_argv(upstream.port, "--admin", f"{LOOPBACK}:{free_port()}", *f),
+                        cpus=daemon_cpus,
+                    )
+                    for n, f in (("no-limit", ()), (name, flags))
+                ]
+                try:
+                    with _pinned(other_cpus):  # the load threads, and the generators they start
+                        loads = _load_together(pair, args)
+                finally:
+                    for daemon in pair:
+                        daemon.close()
+                ratio = loads[1]["cpu_us_per_request"] / loads[0]["cpu_us_per_request"]
+                rounds.append(
+                    {"no_limit": loads[0], "limited": loads[1], "cpu_ratio": ratio, "cost": 1 - 1 / ratio}
+                )
+            cost = statistics.median(r["cost"] for r in rounds)
+            ratio = statistics.median(r["cpu_ratio"] for r in rounds)
+            per_round = ", ".join(f"{r['cost']:.1%}" for r in rounds)
+            print(
+                f"  {name} vs no-limit: cpu/req {ratio:.2f}x, "
+                f"cost {cost:.1%} of req/s per CPU-s (rounds: {per_round})"
+            )
+            out[name] = {"cpu_ratio": ratio, "cost": cost, "rounds": rounds}
+    finally:
+        upstream.close()
+    return out
 
 
 # -- part 3: accuracy ----------------------------------------------------------------------------
@@ -346,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             doc["decision"] = decision_part(redis_url, args.quick)
         if "passthrough" in args.part_list:
             doc["passthrough"] = passthrough_part(redis_url, args)
+            doc["paired"] = paired_part(redis_url, args)
         if "accuracy" in args.part_list:
             doc["accuracy"] = accuracy_part(redis_url, args)
     args.json.parent.mkdir(parents=True, exist_ok=True)
