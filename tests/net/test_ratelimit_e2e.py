@@ -12,6 +12,8 @@ import pytest
 import trio
 
 from resilient_ambassador.core.config import Config, QuotaConfig, RateLimitConfig, RedisConfig, RouteConfig
+from resilient_ambassador.core.templates import parse_template
+from resilient_ambassador.secrets import SecretResolver
 from tests.stores.redis_server import RedisServer, free_port, redis_server
 from tests.support.client import http_request
 from tests.support.daemon import simple_config, start_daemon, upstream_config
@@ -156,3 +158,33 @@ async def test_an_upstream_pause_is_shared_through_redis(nursery: trio.Nursery, 
     assert len(upstream.received) == 1  # pod B never asked
     assert pod_b.app.quota_sync is not None
     assert pod_b.app.quota_sync.applied == 1
+
+
+async def test_a_credential_keyed_limit_never_puts_the_credential_in_redis(
+    nursery: trio.Nursery, redis: RedisServer
+) -> None:
+    canary = "canary-credential-9a4e17"
+    upstream = await start_fake_upstream(nursery)
+    limit = dataclasses.replace(THREE_PER_MINUTE, key="credential", backend="redis")
+    config = dataclasses.replace(
+        limited(upstream.url(), limit, headers=(("X-Api-Key", parse_template("${API_KEY}")),)),
+        redis=RedisConfig(url=redis.url),
+    )
+    daemon = await start_daemon(nursery, config, SecretResolver({"API_KEY": canary}))
+    hostile = [("X-Api-Key", canary + " *?[]"), ("X-Client-Id", canary)]
+
+    statuses = [(await http_request(daemon.port, "GET", "/", headers=hostile)).status for _ in range(4)]
+
+    assert statuses == [200, 200, 200, 429]
+    assert [r.header("x-api-key") for r in upstream.received] == [canary] * 3  # injected, replaced
+    dump = redis.command("KEYS", "*") + b"".join(
+        redis.command("GET", key.decode()) for key in _bulk_strings(redis.command("KEYS", "*"))
+    )
+    assert b"ra:rl:" in dump
+    assert canary.encode() not in dump
+
+
+def _bulk_strings(reply: bytes) -> list[bytes]:
+    """The items of a RESP array of bulk strings (KEYS), without a client library."""
+    lines = reply.split(b"\r\n")
+    return [lines[i + 1] for i in range(1, len(lines) - 1) if lines[i].startswith(b"$")]

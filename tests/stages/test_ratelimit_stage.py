@@ -218,3 +218,16 @@ async def test_low_remaining_is_paced_until_the_reset(autojump_clock: trio.testi
     # 4 left for 8 s: one every 2 s.
     assert upstream.calls == pytest.approx([0.0, 0.0, 2.0, 4.0])
     assert header_value(low, b"x-ratelimit-remaining") == b"4"
+
+
+async def test_a_quota_pause_is_not_waited_past_the_deadline(autojump_clock: trio.testing.MockClock) -> None:
+    upstream = Upstream((503, [(b"retry-after", b"2")]))
+    held = quota_stage(upstream, max_wait_s=10.0)
+    await held(request())
+    started = trio.current_time()
+    with trio.CancelScope(deadline=started + 1.0), pytest.raises(UpstreamQuotaExhausted) as info:
+        await held(request())
+    assert trio.current_time() == started  # refused at once, not after a wait in vain
+    assert info.value.retry_after_s == pytest.approx(2.0)
+    await held(request(deadline=started + 5.0))  # time enough: waits the pause out
+    assert upstream.calls == [0.0, 2.0]
