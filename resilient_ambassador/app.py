@@ -349,6 +349,7 @@ class App:
             redis_buckets = self._redis_buckets.get(name)
             if redis_buckets is not None:
                 stats.backend_fallbacks = redis_buckets.fallbacks
+                stats.backend_round_trips = redis_buckets.round_trips
             doc: dict[str, Json] = dict(asdict(stats))
             doc["queue_wait_s"] = round(stats.queue_wait_s, 6)
             routes[name] = doc

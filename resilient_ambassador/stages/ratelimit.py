@@ -53,6 +53,7 @@ class RateLimitStats:
     max_queue_wait_s: float = 0.0
     waiting: int = 0  # waiting right now
     backend_fallbacks: int = 0  # decisions made without the shared backend (filled in by the app)
+    backend_round_trips: int = 0  # Redis round trips (decisions are coalesced; filled in by the app)
 
 
 def limit_of(config: RateLimitConfig) -> Limit:

@@ -142,9 +142,6 @@ class RedisBuckets:
         self._queue: list[_Pending] = []
         self._leading = False  # a batch is in flight; its leader starts the next one
 
-    def redis_key(self, key: str) -> str:
-        return self._prefix + key
-
     async def acquire(self, key: str, limit: Limit, max_wait_s: float) -> Decision:
         item = _Pending(
             self._prefix + key, [repr(limit.interval_s), str(limit.burst), repr(max(0.0, max_wait_s))]
