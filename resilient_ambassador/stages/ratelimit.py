@@ -95,6 +95,7 @@ class RateLimitStage:
         if config.key in ("route", "upstream"):
             self._fixed_key = descriptor_key(config.key, route if config.key == "route" else upstream)
         self.stats = RateLimitStats()
+        self._queue_places = 0  # requests deciding or waiting in queue mode
 
     def key(self, request: Request) -> str:
         if self._fixed_key is not None:
@@ -110,11 +111,24 @@ class RateLimitStage:
         return descriptor_key(kind, self._upstream, credential.encode())
 
     async def __call__(self, request: Request) -> Response:
-        config, stats = self.config, self.stats
-        max_wait_s = 0.0
-        if config.mode == "queue" and stats.waiting < config.max_queue:
+        config = self.config
+        # A queue place is held from before the decision (a Redis decision takes a round trip,
+        # and requests deciding meanwhile must count against max_queue too) until the wait ends.
+        if config.mode == "queue" and self._queue_places < config.max_queue:
             max_wait_s = min(config.max_wait_s, time_left_s(request, trio.current_time()))
-        decision = await self._buckets.acquire(self.key(request), self.limit, max(0.0, max_wait_s))
+            self._queue_places += 1
+            try:
+                await self._admit(request, max(0.0, max_wait_s))
+            finally:
+                self._queue_places -= 1
+        else:
+            await self._admit(request, 0.0)
+        return await self._inner(request)
+
+    async def _admit(self, request: Request, max_wait_s: float) -> None:
+        """Take a token (waiting for a reserved slot if need be) or raise RateLimited."""
+        stats = self.stats
+        decision = await self._buckets.acquire(self.key(request), self.limit, max_wait_s)
         if not decision.allowed:
             stats.rejected += 1
             request.outcome.rate_limit = "rejected"
@@ -133,7 +147,6 @@ class RateLimitStage:
         else:
             request.outcome.rate_limit = "allowed"
         stats.admitted += 1
-        return await self._inner(request)
 
     def _rejection(self, decision: Decision) -> RateLimited:
         config = self.config
