@@ -13,6 +13,7 @@ import trio.testing
 from resilient_ambassador.core.config import QuotaConfig, RateLimitConfig, RetryConfig
 from resilient_ambassador.core.errors import RateLimited, UpstreamQuotaExhausted
 from resilient_ambassador.core.messages import BufferedBody, Headers, Request, Response, header_value
+from resilient_ambassador.core.ratelimit import Decision, Limit
 from resilient_ambassador.core.retry import RetryBudget
 from resilient_ambassador.stages.ratelimit import QuotaStage, QuotaTracker, RateLimitStage
 from resilient_ambassador.stages.retry import RetryStage
@@ -231,3 +232,35 @@ async def test_a_quota_pause_is_not_waited_past_the_deadline(autojump_clock: tri
     assert info.value.retry_after_s == pytest.approx(2.0)
     await held(request(deadline=started + 5.0))  # time enough: waits the pause out
     assert upstream.calls == [0.0, 2.0]
+
+
+class SlowBuckets:
+    """Memory buckets that take 10 ms to decide, like a Redis round trip."""
+
+    def __init__(self) -> None:
+        self.memory = MemoryBuckets()
+
+    async def acquire(self, key: str, limit: Limit, max_wait_s: float) -> Decision:
+        await trio.sleep(0.01)
+        return self.memory.take(key, limit, max_wait_s)
+
+
+async def test_requests_still_deciding_count_against_max_queue(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    upstream = Upstream()
+    config = dataclasses.replace(TEN_PER_S, burst=1, mode="queue", max_wait_s=10, max_queue=2)
+    limiter = RateLimitStage(upstream, config, SlowBuckets(), route="r", upstream="api")
+    refused: list[RateLimited] = []
+
+    async def one() -> None:
+        try:
+            await limiter(request())
+        except RateLimited as exc:
+            refused.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):  # all three are deciding at once; the third finds no queue place
+            nursery.start_soon(one)
+    assert len(refused) == 1
+    assert upstream.calls == pytest.approx([0.01, 0.11])
