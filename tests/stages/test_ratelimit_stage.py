@@ -235,13 +235,16 @@ async def test_a_quota_pause_is_not_waited_past_the_deadline(autojump_clock: tri
 
 
 class SlowBuckets:
-    """Memory buckets that take 10 ms to decide, like a Redis round trip."""
+    """Memory buckets that take about 10 ms to decide, like a Redis round trip; the n-th call
+    decides 1 ms after the one before, so decisions keep the order of arrival."""
 
     def __init__(self) -> None:
         self.memory = MemoryBuckets()
+        self.calls = 0
 
     async def acquire(self, key: str, limit: Limit, max_wait_s: float) -> Decision:
-        await trio.sleep(0.01)
+        self.calls += 1
+        await trio.sleep(0.01 + 0.001 * self.calls)
         return self.memory.take(key, limit, max_wait_s)
 
 
@@ -262,5 +265,6 @@ async def test_requests_still_deciding_count_against_max_queue(
     async with trio.open_nursery() as nursery:
         for _ in range(3):  # all three are deciding at once; the third finds no queue place
             nursery.start_soon(one)
+            await trio.testing.wait_all_tasks_blocked()
     assert len(refused) == 1
-    assert upstream.calls == pytest.approx([0.01, 0.11])
+    assert upstream.calls == pytest.approx([0.011, 0.111])
