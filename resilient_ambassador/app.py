@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
@@ -28,10 +29,13 @@ from resilient_ambassador.net.server import HttpServer, RouteRuntime
 from resilient_ambassador.net.upstream import ConnectionPool, UpstreamClient
 from resilient_ambassador.secrets import SecretResolver
 from resilient_ambassador.stages.breaker import BreakerChange, BreakerStage, maybe_breaker
+from resilient_ambassador.stages.ratelimit import QuotaStage, QuotaTracker, RateLimitStage
 from resilient_ambassador.stages.retry import RetryStage
 from resilient_ambassador.stages.telemetry import AttemptTelemetry, RequestTelemetry
+from resilient_ambassador.stores.ratelimit import Buckets, MemoryBuckets, RedisBuckets
 from resilient_ambassador.stores.redis_client import RedisRunner
 from resilient_ambassador.stores.shared_breaker import SharedBreakerSync
+from resilient_ambassador.stores.shared_quota import SharedQuotaSync
 from resilient_ambassador.telemetry import Telemetry
 
 log = logging.getLogger("resilient_ambassador")
@@ -46,16 +50,23 @@ def upstream_host(config: UpstreamConfig) -> bytes:
     return (config.host_header or config.url.authority).encode()
 
 
-def build_pipeline(route: RouteConfig, upstream: Handler, telemetry: Telemetry | None = None) -> Handler:
-    """A route's chain of stages, outermost first: telemetry -> retry -> breaker -> attempt
-    telemetry -> upstream client.
+def build_pipeline(
+    route: RouteConfig,
+    upstream: Handler,
+    telemetry: Telemetry | None = None,
+    rate_limit: Callable[[Handler], Handler] | None = None,
+) -> Handler:
+    """A route's chain of stages, outermost first: telemetry -> retry -> rate limit -> quota ->
+    breaker -> attempt telemetry -> upstream client. (`upstream` may already carry the
+    upstream's quota stage in front of its breaker; `rate_limit` wraps the handler in the
+    route's RateLimitStage.)
 
     `upstream` is the upstream's shared breaker (or its client when the breaker is off): one
     breaker per upstream, whatever the number of routes. Retry sits outside it, so every
     attempt passes the breaker and an open breaker is never retried. Cache and rate limit
     slot in here as they land (cache outermost: a hit spends no quota; rate limit between
     retry and breaker: every attempt takes a token)."""
-    handler = upstream
+    handler = upstream if rate_limit is None else rate_limit(upstream)
     # The retry stage also owns the route deadline and the client deadline header.
     if route.retry.retries > 0 or route.timeout_s is not None or route.deadline_header is not None:
         handler = RetryStage(
@@ -124,6 +135,20 @@ class App:
             self.breaker_sync = SharedBreakerSync(self.redis, key_prefix=config.redis.key_prefix)
             for stage in shared:
                 self.breaker_sync.register(stage)
+        # Upstream-quota awareness: one tracker per upstream, in front of its breaker(s).
+        self.quotas: dict[str, QuotaTracker] = {}
+        self.quota_sync: SharedQuotaSync | None = None
+        if self.redis is not None and any(
+            up.quota.enabled and up.quota.shared == "redis" for up in config.upstreams.values()
+        ):
+            self.quota_sync = SharedQuotaSync(self.redis, key_prefix=config.redis.key_prefix)
+        self._build_quotas(config, keep=None)
+        # Rate limits: one stage per route with a `rate_limit`; memory buckets are shared by
+        # the routes of this process (a `key: upstream` bucket spans routes) and kept across
+        # reloads.
+        self.rate_limits: dict[str, RateLimitStage] = {}
+        self._redis_buckets: dict[str, RedisBuckets] = {}
+        self._memory_buckets = MemoryBuckets()
         self.servers: list[HttpServer] = [
             HttpServer(listener, self._route_table(listener, config)) for listener in config.listeners
         ]
@@ -215,6 +240,56 @@ class App:
                 lambda: [(access_log.dropped, {})],
             )
 
+    def _upstream_handler(self, route: RouteConfig) -> Handler:
+        """The route's breaker, behind the upstream's quota stage when quota awareness is on."""
+        handler = self.breakers[self.breaker_name(route)]
+        tracker = self.quotas.get(route.upstream)
+        return handler if tracker is None else QuotaStage(handler, tracker)
+
+    def _rate_limiter(self, route: RouteConfig) -> Callable[[Handler], Handler] | None:
+        limit = route.rate_limit
+        if limit is None:
+            return None
+        buckets: Buckets = self._memory_buckets
+        workers = self.config.workers
+        if limit.backend == "memory" and workers > 1:
+            # Each worker holds its own buckets: give each its share, so N workers together
+            # admit the configured rate (exact only if the kernel spreads clients evenly; the
+            # Redis backend is exact).
+            limit = dataclasses.replace(
+                limit, count=limit.count / workers, burst=max(1, math.ceil(limit.burst / workers))
+            )
+        if limit.backend == "redis":
+            if self.redis is None:
+                log.warning(
+                    "route %s: rate_limit backend is redis but no redis.url is set: memory", route.name
+                )
+            else:
+                redis_buckets = RedisBuckets(
+                    self.redis,
+                    key_prefix=self.config.redis.key_prefix,
+                    on_failure=limit.on_backend_failure,
+                    local_share=1.0 / (limit.expected_replicas * workers),
+                    fallback=self._memory_buckets,
+                )
+                self._redis_buckets[route.name] = redis_buckets
+                buckets = redis_buckets
+        client = self.clients[route.upstream]
+
+        def wrap(inner: Handler) -> Handler:
+            stage = RateLimitStage(
+                inner,
+                limit,
+                buckets,
+                route=route.name,
+                upstream=route.upstream,
+                credential=client.credential_fingerprint,
+            )
+            self.rate_limits[route.name] = stage
+            return stage
+
+        return wrap
+
     @staticmethod
     def breaker_name(route: RouteConfig) -> str:
         return route.upstream if route.breaker is None else f"{route.upstream}/{route.name}"
@@ -264,6 +339,23 @@ class App:
                 breakers[name] = self._counted(maybe_breaker(inner, route.breaker, name), name)
         self.pools, self.clients, self.breakers = pools, clients, breakers
 
+    def _build_quotas(self, config: Config, keep: App | None) -> None:
+        """Quota trackers; an unchanged upstream keeps its tracker (a pause in force stays)."""
+        quotas: dict[str, QuotaTracker] = {}
+        for name, up in config.upstreams.items():
+            if not up.quota.enabled:
+                continue
+            if keep is not None and name in keep.quotas and keep.config.upstreams.get(name) == up:
+                quotas[name] = keep.quotas[name]
+                continue
+            quotas[name] = QuotaTracker(name, up.quota)
+            if up.quota.shared == "redis":
+                if self.quota_sync is not None:
+                    self.quota_sync.register(quotas[name])
+                else:
+                    log.warning("upstream %s: quota.shared: redis takes effect at the next restart", name)
+        self.quotas = quotas
+
     def _counted(self, handler: Handler, name: str) -> Handler:
         if isinstance(handler, BreakerStage):
             handler.add_change_hook(partial(_count_transition, self.telemetry, name))
@@ -273,7 +365,9 @@ class App:
         return {
             id(route): RouteRuntime(
                 config=route,
-                handler=build_pipeline(route, self.breakers[self.breaker_name(route)], self.telemetry),
+                handler=build_pipeline(
+                    route, self._upstream_handler(route), self.telemetry, self._rate_limiter(route)
+                ),
                 upstream_host=upstream_host(config.upstreams[route.upstream]),
             )
             for route in listener.routes
@@ -330,6 +424,8 @@ class App:
                     await background.start(self.access_log.run)
                 if self.breaker_sync is not None:
                     await background.start(self.breaker_sync.run)
+                if self.quota_sync is not None:
+                    await background.start(self.quota_sync.run)
                 if self.admin is not None and bound.admin:
                     background.start_soon(trio.serve_listeners, self.admin.handle_connection, bound.admin)
                     log.info("admin listener on %s", ", ".join(_address(lst) for lst in bound.admin))
@@ -455,6 +551,8 @@ class App:
         # From here on nothing awaits: the swap is atomic for every connection task.
         previous_pools = self.pools
         self._build_upstreams(config, keep=self)
+        self._build_quotas(config, keep=self)
+        self.rate_limits, self._redis_buckets = {}, {}
         shared = self.breaker_sync
         for stage in self.breakers.values():
             if isinstance(stage, BreakerStage) and stage.config.shared == "redis" and shared is not None:
@@ -542,6 +640,7 @@ class App:
             "upstreams": upstreams,
             "breakers": breakers,
             "shared_breaker": shared,
+            "rate_limits": self._rate_limit_stats(),
             "reloads": {"succeeded": self.reloads, "failed": self.reload_failures},
             "access_log": None
             if self.access_log is None
@@ -551,6 +650,28 @@ class App:
                 "write_errors": self.access_log.write_errors,
             },
         }
+
+    def _rate_limit_stats(self) -> dict[str, Json]:
+        routes: dict[str, Json] = {}
+        for name, stage in self.rate_limits.items():
+            stats = stage.stats
+            redis_buckets = self._redis_buckets.get(name)
+            if redis_buckets is not None:
+                stats.backend_fallbacks = redis_buckets.fallbacks
+                stats.backend_round_trips = redis_buckets.round_trips
+            doc: dict[str, Json] = dict(asdict(stats))
+            doc["queue_wait_s"] = round(stats.queue_wait_s, 6)
+            routes[name] = doc
+        quotas: dict[str, Json] = {}
+        for name, tracker in self.quotas.items():
+            doc = dict(asdict(tracker.stats))
+            doc["paused_for_s"] = round(tracker.state.paused_for(trio.current_time()), 3)
+            quotas[name] = doc
+        shared: Json = None
+        if self.quota_sync is not None:
+            sync = self.quota_sync
+            shared = {"published": sync.published, "applied": sync.applied, "sync_errors": sync.sync_errors}
+        return {"routes": routes, "upstream_quota": quotas, "shared_quota": shared}
 
     def drain(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, close idle

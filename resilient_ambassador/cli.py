@@ -26,8 +26,16 @@ from resilient_ambassador.config_loader import (
     parse_listen_address,
     parse_redis_url,
 )
-from resilient_ambassador.core.config import AdminConfig, Config, TLSConfig
-from resilient_ambassador.core.units import parse_duration
+from resilient_ambassador.core.config import (
+    AdminConfig,
+    Config,
+    ListenerConfig,
+    RateLimitConfig,
+    RouteConfig,
+    TLSConfig,
+)
+from resilient_ambassador.core.ratelimit import default_burst
+from resilient_ambassador.core.units import parse_duration, parse_rate
 from resilient_ambassador.secrets import SecretResolver
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -71,7 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--redis",
         metavar="URL",
-        help="share state through this Redis (redis://host:6379/0): open breakers for now",
+        help="share state through this Redis (redis://host:6379/0): open breakers and --rate-limit",
+    )
+    run.add_argument(
+        "--rate-limit",
+        metavar="RATE",
+        help="limit every route to RATE (10/s, 600/m, 10000/h), answering 429 over it; "
+        "shared through --redis when given",
+    )
+    run.add_argument(
+        "--burst", type=int, metavar="N", help="requests admitted at once (default: one second's worth)"
     )
     run.add_argument(
         "--admin",
@@ -177,7 +194,7 @@ def _apply_policy_flags(config: Config, args: argparse.Namespace) -> Config:
         except ValueError as exc:
             raise ConfigError(f"--redis: {exc}") from None
         config = dataclasses.replace(config, redis=dataclasses.replace(config.redis, url=redis_url))
-    listeners = config.listeners
+    listeners = _apply_rate_limit_flags(config.listeners, args)
     if args.retries is not None:
         listeners = tuple(
             dataclasses.replace(
@@ -204,6 +221,48 @@ def _apply_policy_flags(config: Config, args: argparse.Namespace) -> Config:
             breaker = dataclasses.replace(breaker, shared="redis")
         upstreams[name] = dataclasses.replace(upstream, breaker=breaker)
     return dataclasses.replace(config, listeners=listeners, upstreams=upstreams)
+
+
+def _apply_rate_limit_flags(
+    listeners: tuple[ListenerConfig, ...], args: argparse.Namespace
+) -> tuple[ListenerConfig, ...]:
+    """--rate-limit sets (or replaces the rate of) every route's limit; --burst its burst; with
+    --redis the flag-made limit lives in Redis, shared by every daemon using it."""
+    rate_limit, burst = args.rate_limit, args.burst
+    if rate_limit is None and burst is None:
+        return listeners
+    if burst is not None and burst < 1:
+        raise ConfigError("--burst: expected a whole number greater than 0")
+    rate: tuple[float, float] | None = None
+    if rate_limit is not None:
+        try:
+            rate = parse_rate(rate_limit)
+        except ValueError as exc:
+            raise ConfigError(f"--rate-limit: {exc}") from None
+    elif not any(r.rate_limit for listener in listeners for r in listener.routes):
+        raise ConfigError("--burst: give --rate-limit too (no route has a rate limit)")
+
+    def limited(route: RouteConfig) -> RouteConfig:
+        limit = route.rate_limit
+        if rate is not None:
+            count, period_s = rate
+            if limit is None:
+                limit = RateLimitConfig(count, period_s, default_burst(count, period_s))
+                if args.redis is not None:
+                    limit = dataclasses.replace(limit, backend="redis")
+            limit = dataclasses.replace(
+                limit, count=count, period_s=period_s, burst=default_burst(count, period_s)
+            )
+        if limit is None:
+            return route
+        if burst is not None:
+            limit = dataclasses.replace(limit, burst=burst)
+        return dataclasses.replace(route, rate_limit=limit)
+
+    return tuple(
+        dataclasses.replace(listener, routes=tuple(limited(r) for r in listener.routes))
+        for listener in listeners
+    )
 
 
 def _override_file_config(config: Config, args: argparse.Namespace, resolver: SecretResolver) -> Config:

@@ -32,6 +32,8 @@ from resilient_ambassador.core.config import (
     DrainConfig,
     ListenerConfig,
     PoolConfig,
+    QuotaConfig,
+    RateLimitConfig,
     RedisConfig,
     RetryConfig,
     RouteConfig,
@@ -42,8 +44,9 @@ from resilient_ambassador.core.config import (
     UpstreamURL,
 )
 from resilient_ambassador.core.headers import HOP_BY_HOP
+from resilient_ambassador.core.ratelimit import default_burst
 from resilient_ambassador.core.templates import Template, parse_template
-from resilient_ambassador.core.units import parse_duration, parse_size
+from resilient_ambassador.core.units import parse_duration, parse_rate, parse_size
 from resilient_ambassador.net.tls import client_context
 from resilient_ambassador.secrets import SecretError, SecretResolver
 
@@ -68,7 +71,7 @@ _URL_FORBIDDEN_RE = re.compile(r"[\x00-\x20\x7f]")  # urlsplit silently drops ta
 _NOT_INJECTABLE = frozenset(name.decode() for name in HOP_BY_HOP) | {"content-length"}
 # Policy sections later versions add. Rejected by name so that a config written for a newer
 # version fails loudly instead of running without its retries or limits.
-_RESERVED = ("rate_limit", "cache")
+_RESERVED = ("cache",)
 
 
 class ConfigError(Exception):
@@ -352,13 +355,62 @@ _ROUTE: _Schema = {
     "deadline_header": ("deadline_header", _At.header_name),
     "retry": ("retry", lambda at: _retry(at)),
     "breaker": ("breaker", lambda at: BreakerConfig(**_section(at, _BREAKER))),
+    "rate_limit": ("rate_limit", lambda at: _rate_limit(at)),
 }
 _UPSTREAM: _Schema = {
     "host_header": ("host_header", _At.authority),
     "timeouts": ("timeouts", lambda at: UpstreamTimeouts(**_section(at, _TIMEOUTS))),
     "pool": ("pool", lambda at: PoolConfig(**_section(at, _POOL))),
     "breaker": ("breaker", lambda at: BreakerConfig(**_section(at, _BREAKER))),
+    "quota": ("quota", lambda at: _quota(at)),
 }
+_RATE_LIMIT: _Schema = {
+    "burst": ("burst", _At.count),
+    "mode": ("mode", lambda at: at.choice("reject", "queue")),
+    "max_wait": ("max_wait_s", _At.duration),
+    "max_queue": ("max_queue", _At.count),
+    "backend": ("backend", lambda at: at.choice("memory", "redis")),
+    "on_backend_failure": ("on_backend_failure", lambda at: at.choice("local", "allow", "deny")),
+    "expected_replicas": ("expected_replicas", _At.count),
+}
+_QUOTA: _Schema = {
+    "enabled": ("enabled", _At.boolean),
+    "mode": ("mode", lambda at: at.choice("reject", "queue")),
+    "max_wait": ("max_wait_s", _At.duration),
+    "pace_below": ("pace_below", _At.ratio),
+    "shared": ("shared", lambda at: at.choice("none", "redis")),
+}
+RATE_FORM = "a rate like 10/s, 600/m, 10000/h"
+
+
+def _rate_limit(at: _At) -> RateLimitConfig:
+    """`rate` (required), `key` (route, upstream, client_ip, header:NAME, credential) and the
+    optional `_RATE_LIMIT` keys; burst defaults to one second's worth of the rate."""
+    found = at.fields(("rate", "key", *_RATE_LIMIT), ("rate",))
+    count, period_s = found["rate"].parsed(parse_rate, RATE_FORM)
+    fields = _read(found, _RATE_LIMIT)
+    fields.setdefault("burst", default_burst(count, period_s))
+    key_at = found.get("key")
+    if key_at is not None:
+        key = key_at.text()
+        if key.startswith("header:"):
+            name = key.removeprefix("header:").strip()
+            with _reported(key_at.where):
+                if not _TOKEN_RE.fullmatch(name):
+                    raise ValueError(f"{name!r} is not a valid header name")
+            fields.update(key="header", key_header=name.lower())
+        elif key in ("route", "upstream", "client_ip", "credential"):
+            fields["key"] = key
+        else:
+            raise key_at.error("expected one of: route, upstream, client_ip, header:NAME, credential")
+    return RateLimitConfig(count, period_s, **fields)
+
+
+def _quota(at: _At) -> QuotaConfig:
+    """Giving the section turns quota awareness on (unless it says `enabled: false`)."""
+    fields = _section(at, _QUOTA)
+    fields.setdefault("enabled", True)
+    return QuotaConfig(**fields)
 
 
 def _retry(at: _At) -> RetryConfig:
@@ -508,6 +560,7 @@ class _Builder:
         self._addresses: dict[tuple[str, int], _At] = {}
         self._listener_names: dict[str, _At] = {}
         self._route_names: dict[str, _At] = {}
+        self._redis_rate_limits: list[_At] = []  # checked against redis.url at the end
 
     def config(self, root: _At) -> Config:
         found = root.fields(
@@ -526,6 +579,10 @@ class _Builder:
             for name, at in found["upstreams"].entries():
                 if self._upstreams[name].breaker.shared == "redis":
                     raise at.error("breaker.shared is redis but the config has no redis.url")
+                if self._upstreams[name].quota.shared == "redis":
+                    raise at.error("quota.shared is redis but the config has no redis.url")
+            for at in self._redis_rate_limits:
+                raise at.error("backend is redis but the config has no redis.url")
         admin = self._admin(found.get("admin"))
         access_log = AccessLogConfig(**_section(found.get("access_log"), _ACCESS_LOG))
         workers = found["workers"].count() if "workers" in found else 1
@@ -589,6 +646,7 @@ class _Builder:
                 "deadline_header",
                 "retry",
                 "breaker",
+                "rate_limit",
             ),
             ("upstream",),
             policies=True,
@@ -597,16 +655,19 @@ class _Builder:
         if upstream not in self._upstreams:
             defined = ", ".join(self._upstreams) or "none"
             raise found["upstream"].error(f"unknown upstream {upstream!r} (defined: {defined})")
-        return RouteConfig(
+        route = RouteConfig(
             upstream,
             _claim(self._route_names, found.get("name"), at, default_name),
             **_section(found.get("match"), _MATCH),
             **_read(found, _ROUTE),
         )
+        if route.rate_limit is not None and route.rate_limit.backend == "redis":
+            self._redis_rate_limits.append(found["rate_limit"])
+        return route
 
     def _upstream(self, name: str, at: _At) -> UpstreamConfig:
         found = at.fields(
-            ("url", "host_header", "tls", "timeouts", "pool", "breaker", "headers", "query"),
+            ("url", "host_header", "tls", "timeouts", "pool", "breaker", "headers", "query", "quota"),
             ("url",),
             policies=True,
         )

@@ -224,3 +224,47 @@ def test_admin_on_a_data_port_is_a_usage_error(flags: list[str], message: str) -
     args = build_parser().parse_args(["run", "--upstream", "http://127.0.0.1:9", *flags])
     with pytest.raises(ConfigError, match=re.escape(message)):
         config_for_run(args, SecretResolver())
+
+
+def test_rate_limit_flags_limit_every_route() -> None:
+    parse = build_parser().parse_args
+    config = config_for_run(
+        parse(["run", "--upstream", "http://127.0.0.1:9", "--rate-limit", "600/m"]), SecretResolver()
+    )
+    limit = config.listeners[0].routes[0].rate_limit
+    assert limit is not None
+    assert (limit.count, limit.period_s, limit.burst, limit.backend) == (600, 60.0, 10, "memory")
+
+    shared = config_for_run(
+        parse(
+            [
+                "run",
+                "--upstream",
+                "http://127.0.0.1:9",
+                "--rate-limit",
+                "50/s",
+                "--burst",
+                "5",
+                "--redis",
+                "redis://127.0.0.1:6379/0",
+            ]
+        ),
+        SecretResolver(),
+    )
+    limit = shared.listeners[0].routes[0].rate_limit
+    assert limit is not None
+    assert (limit.count, limit.burst, limit.backend) == (50, 5, "redis")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--rate-limit", "lots"], "--rate-limit: expected a rate like 10/s"),
+        (["--burst", "5"], "--burst: give --rate-limit too"),
+        (["--rate-limit", "10/s", "--burst", "0"], "--burst: expected a whole number greater than 0"),
+    ],
+)
+def test_bad_rate_limit_flags_are_usage_errors(flags: list[str], message: str) -> None:
+    args = build_parser().parse_args(["run", "--upstream", "http://127.0.0.1:9", *flags])
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_for_run(args, SecretResolver())

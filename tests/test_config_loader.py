@@ -24,6 +24,8 @@ from resilient_ambassador.core.config import (
     ListenerConfig,
     MiB,
     PoolConfig,
+    QuotaConfig,
+    RateLimitConfig,
     RedisConfig,
     RetryConfig,
     RouteConfig,
@@ -533,9 +535,9 @@ ERRORS = {
         upstreams:
           api:
             url: http://127.0.0.1:9000
-            rate_limit: 10/s
+            cache: {}
         """,
-        "ambassador.yaml:5: upstreams.api.rate_limit: rate_limit is not implemented in this version yet",
+        "ambassador.yaml:5: upstreams.api.cache: cache is not implemented in this version yet",
     ),
     "reserved key elsewhere is just unknown": (
         """\
@@ -1281,3 +1283,96 @@ def test_admin_port_zero_never_clashes() -> None:
         """
     )
     assert config.admin.port == 0
+
+
+def test_rate_limit_and_quota_sections_map_to_the_model() -> None:
+    config = load(
+        """\
+        listeners:
+          - listen: 127.0.0.1:8000
+            routes:
+              - name: search
+                upstream: api
+                rate_limit:
+                  rate: 600/m
+                  burst: 20
+                  key: header:X-Client-Id
+                  mode: queue
+                  max_wait: 500ms
+                  max_queue: 10
+                  backend: redis
+                  on_backend_failure: deny
+                  expected_replicas: 4
+              - {name: plain, upstream: api, rate_limit: {rate: 100/h}}
+        upstreams:
+          api:
+            url: http://127.0.0.1:9000
+            quota: {mode: reject, max_wait: 1s, pace_below: 20%, shared: redis}
+          other: {url: "http://127.0.0.1:9001"}
+        redis: {url: "redis://127.0.0.1:6379/0"}
+        """
+    )
+    search, plain = config.listeners[0].routes
+    assert search.rate_limit == RateLimitConfig(
+        count=600,
+        period_s=60.0,
+        burst=20,
+        key="header",
+        key_header="x-client-id",
+        mode="queue",
+        max_wait_s=0.5,
+        max_queue=10,
+        backend="redis",
+        on_backend_failure="deny",
+        expected_replicas=4,
+    )
+    assert plain.rate_limit == RateLimitConfig(count=100, period_s=3600.0, burst=1)
+    assert config.upstreams["api"].quota == QuotaConfig(
+        enabled=True, mode="reject", max_wait_s=1.0, pace_below=0.2, shared="redis"
+    )
+    assert config.upstreams["other"].quota.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("rate_limit", "message"),
+    [
+        ("{burst: 3}", "listeners[0].routes[0].rate_limit.rate: missing required key"),
+        ("{rate: 10/fortnight}", "listeners[0].routes[0].rate_limit.rate: expected a rate like 10/s"),
+        ("{rate: 0/s}", "listeners[0].routes[0].rate_limit.rate: a rate needs a count and a period"),
+        ("{rate: 10/s, burst: 0}", "listeners[0].routes[0].rate_limit.burst: must be greater than 0"),
+        (
+            "{rate: 10/s, key: cookie}",
+            "rate_limit.key: expected one of: route, upstream, client_ip, header:NAME",
+        ),
+        ("{rate: 10/s, key: 'header:X Y'}", "rate_limit.key: 'X Y' is not a valid header name"),
+        ("{rate: 10/s, mode: wait}", "rate_limit.mode: expected one of: reject, queue"),
+        ("{rate: 10/s, backend: redis}", "rate_limit: backend is redis but the config has no redis.url"),
+    ],
+)
+def test_rate_limit_errors(rate_limit: str, message: str) -> None:
+    text = f"""\
+        listeners:
+          - listen: 127.0.0.1:8000
+            routes:
+              - upstream: api
+                rate_limit: {rate_limit}
+        upstreams: {{api: {{url: "http://127.0.0.1:9000"}}}}
+        """
+    got = error(text)
+    assert got.startswith("ambassador.yaml:5: ")
+    assert message in got
+
+
+def test_shared_quota_needs_a_redis_url() -> None:
+    message = error(
+        """\
+        listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
+        upstreams:
+          api:
+            url: http://127.0.0.1:9000
+            quota: {shared: redis}
+        """
+    )
+    assert (
+        message == "ambassador.yaml:3: upstreams.api: quota.shared is redis but the config has no redis.url"
+    )

@@ -152,6 +152,50 @@ class RetryConfig:
 
 @final
 @dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """A route's rate limit (docs/resilience.md): GCRA, `count` per `period_s` with a burst,
+    one bucket per descriptor (`key`)."""
+
+    count: float
+    period_s: float
+    burst: int  # requests admitted at once; the loader defaults it to one second's worth
+    # route: one bucket for the route; upstream: one for every route to the upstream with this
+    # key; client_ip: per downstream peer; header: per value of `key_header`; credential: per
+    # injected credential (hashed), shared by every route to the upstream.
+    key: Literal["route", "upstream", "client_ip", "header", "credential"] = "route"
+    key_header: str | None = None  # lower-case; set when key is "header"
+    # reject: 429 at once; queue: wait (FIFO) for a token up to max_wait, then 429.
+    mode: Literal["reject", "queue"] = "reject"
+    # Long enough to smooth a burst into the rate, short enough that an app's own timeout
+    # (often 5-10 s) is not spent waiting in our queue; never past the request's deadline.
+    max_wait_s: float = 2.0
+    max_queue: int = 100  # waiters per route and process; more are rejected at once
+    backend: Literal["memory", "redis"] = "memory"
+    # When Redis does not answer: local (this process's share of the rate: rate /
+    # expected_replicas), allow (fail open), deny (fail closed, 429).
+    on_backend_failure: Literal["local", "allow", "deny"] = "local"
+    expected_replicas: int = 1
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class QuotaConfig:
+    """Upstream-quota awareness: read the upstream's RateLimit / X-RateLimit / Retry-After and
+    hold its traffic until the reset instead of hammering it."""
+
+    enabled: bool = False
+    # queue: wait out a pause (or a pacing slot) up to max_wait, else 429 at once; reject:
+    # 429 with the upstream's reset as Retry-After while paused.
+    mode: Literal["reject", "queue"] = "queue"
+    max_wait_s: float = 2.0
+    # Pace requests once Remaining is at or below this share of the limit.
+    pace_below: float = 0.1
+    # redis: a pause is shared with every daemon using the same Redis.
+    shared: Literal["none", "redis"] = "none"
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     url: UpstreamURL
@@ -165,6 +209,7 @@ class UpstreamConfig:
     # Host header sent upstream; None: the URL authority.
     host_header: str | None = None
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)
 
 
 @final
@@ -186,6 +231,7 @@ class RouteConfig:
     # A client header that may shorten (never lengthen) the deadline, e.g. X-Request-Timeout;
     # None: ignored and stripped. Only for trusted clients.
     deadline_header: str | None = None
+    rate_limit: RateLimitConfig | None = None  # None: no limit
 
 
 @final

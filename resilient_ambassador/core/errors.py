@@ -12,6 +12,8 @@ class ProxyError(Exception):
 
     status = 502
     reason = "proxy_error"
+    # Sent with the answer after the standard ones (e.g. RateLimit headers on a 429).
+    extra_headers: tuple[tuple[bytes, bytes], ...] = ()
 
     def __init__(
         self, message: str, *, upstream: str | None = None, retry_after_s: float | None = None
@@ -92,6 +94,33 @@ class BreakerOpen(ProxyError):
 
     status = 503
     reason = "circuit_open"
+
+
+class RateLimited(ProxyError):
+    """A rate limit of ours said no (or the upstream's quota is spent and we hold its traffic):
+    answered at once without contacting the upstream. Never retried: it is our own decision,
+    and `retry_after_s` says when to come back."""
+
+    status = 429
+    reason = "rate_limited"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        upstream: str | None = None,
+        retry_after_s: float | None = None,
+        headers: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        super().__init__(message, upstream=upstream, retry_after_s=retry_after_s)
+        self.extra_headers = headers
+
+
+class UpstreamQuotaExhausted(RateLimited):
+    """The upstream said its quota is spent (429/503 with Retry-After, or Remaining 0): we hold
+    its traffic until the reset instead of hammering it."""
+
+    reason = "upstream_quota_exhausted"
 
 
 class ClientError(ProxyError):

@@ -88,6 +88,7 @@ def error_headers(error: ProxyError, body: bytes) -> Headers:
     ]
     if error.retry_after_s is not None:
         headers.append((b"retry-after", str(max(1, math.ceil(error.retry_after_s))).encode()))
+    headers.extend(error.extra_headers)
     return headers
 
 

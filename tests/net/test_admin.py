@@ -113,6 +113,7 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
         "reloads",
         "pid",
         "worker",
+        "rate_limits",
     }
     assert (before["ready"], before["draining"], before["shared_breaker"]) == (True, False, None)
     assert (before["pid"], before["worker"]) == (os.getpid(), None)

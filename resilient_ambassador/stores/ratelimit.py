@@ -1,0 +1,237 @@
+"""Token buckets (GCRA, see core.ratelimit) behind one small protocol: in memory, per process,
+or in Redis, shared by every daemon that uses it.
+
+Redis: one Lua script per decision (EVALSHA, loaded again on NOSCRIPT by redis-py's `Script`),
+so there is no read-modify-write race between processes; the script reads Redis `TIME`, so all
+processes share one clock whatever their own clocks say. One key per bucket,
+`<prefix>rl:<hash of the descriptor>`, holding the TAT and expiring when the bucket would be
+full again (an absent key and a full bucket are the same thing, so idle keys cost nothing).
+
+Redis calls go through the daemon's one `RedisRunner` (off the trio thread, budgeted, with its
+own small breaker). Decisions that arrive while one is in flight are coalesced: the next call
+sends all of them in one pipeline, so a busy daemon pays one thread hop and one round trip per
+batch, not per request (each decision is still its own atomic script run).
+
+When Redis does not answer, `on_failure` decides: `local` falls back to an in-memory bucket
+with this process's share of the rate, `allow` admits, `deny` refuses. The next call after the
+runner's cool-down tries Redis again, so it recovers by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, final
+
+import redis
+import trio
+
+from resilient_ambassador.core.ratelimit import Decision, Limit, decision_from, gcra
+from resilient_ambassador.stores.errors import StoreUnavailable
+from resilient_ambassador.stores.redis_client import RedisRunner
+
+log = logging.getLogger("resilient_ambassador.ratelimit")
+
+# The in-memory store forgets buckets that are full again once it holds more than this many
+# (and then twice what it kept), so per-client keys cannot grow without bound.
+PRUNE_MIN_KEYS = 4096
+# What a refused decision tells the client to wait when Redis is down and on_failure is deny:
+# about the runner's cool-down, after which Redis is tried again.
+DENY_RETRY_AFTER_S = 1.0
+# Decisions sent in one pipeline at most; more wait for the next round trip.
+MAX_BATCH = 128
+
+# KEYS[1] the bucket; ARGV: interval_s, burst, max_wait_s. The same maths and epsilon as
+# core.ratelimit.gcra; returns {allowed, wait_s, ahead_s} for decision_from (numbers as strings:
+# Lua numbers come back to redis-py truncated to integers). %.6f keeps the microseconds of an
+# epoch-sized float, where tostring() would round to 14 digits.
+GCRA_LUA = """
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local max_wait = tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local new_tat = math.max(tat, now) + interval
+local wait = new_tat - burst * interval - now
+if wait > max_wait + 0.000001 then
+  return {0, string.format('%.6f', wait), string.format('%.6f', tat - now)}
+end
+redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1)
+return {1, string.format('%.6f', wait), string.format('%.6f', new_tat - now)}
+"""
+
+
+class Buckets(Protocol):
+    """Where buckets live. `acquire` takes one token from bucket `key` now, or reserves one up
+    to `max_wait_s` ahead (the caller then waits `decision.wait_s`)."""
+
+    async def acquire(self, key: str, limit: Limit, max_wait_s: float) -> Decision: ...
+
+
+@final
+class MemoryBuckets:
+    """Buckets in this process, on `clock` (trio's, so MockClock drives them in tests)."""
+
+    def __init__(self, clock: Callable[[], float] = trio.current_time) -> None:
+        self._clock = clock
+        self._tats: dict[str, float] = {}
+        self._prune_above = PRUNE_MIN_KEYS
+
+    def __len__(self) -> int:
+        return len(self._tats)
+
+    def take(self, key: str, limit: Limit, max_wait_s: float) -> Decision:
+        """The decision, synchronously (no await: nothing can interleave with it)."""
+        now = self._clock()
+        decision, tat = gcra(self._tats.get(key, -math.inf), now, limit, max_wait_s)
+        if decision.allowed:
+            self._tats[key] = tat
+            if len(self._tats) > self._prune_above:
+                self._tats = {k: t for k, t in self._tats.items() if t > now}
+                self._prune_above = max(PRUNE_MIN_KEYS, 2 * len(self._tats))
+        return decision
+
+    async def acquire(self, key: str, limit: Limit, max_wait_s: float) -> Decision:
+        return self.take(key, limit, max_wait_s)
+
+
+OnFailure = Literal["local", "allow", "deny"]
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One decision waiting for a batch: its script arguments, then its reply or error."""
+
+    key: str
+    args: list[str]
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: Any = None
+    error: Exception | None = None
+    answered: bool = False
+
+
+@final
+class RedisBuckets:
+    """Buckets in Redis, shared by every process using it; `on_failure` when it is away.
+
+    `local_share` is this process's share of the rate for the `local` fallback: 1 /
+    `expected_replicas`, so N replicas falling back together still stay near the limit.
+    """
+
+    def __init__(
+        self,
+        runner: RedisRunner,
+        *,
+        key_prefix: str = "ra:",
+        on_failure: OnFailure = "local",
+        local_share: float = 1.0,
+        fallback: MemoryBuckets | None = None,
+    ) -> None:
+        self._runner = runner
+        self._prefix = key_prefix + "rl:"
+        self._on_failure = on_failure
+        self._share = local_share
+        self._fallback = fallback or MemoryBuckets()
+        self._script = runner.client.register_script(GCRA_LUA)  # no I/O: sha1 only
+        self.fallbacks = 0  # decisions made without Redis
+        self.round_trips = 0  # batches sent (decisions / round_trips = mean batch size)
+        self._degraded = False
+        self._queue: list[_Pending] = []
+        self._leading = False  # a batch is in flight; its leader starts the next one
+
+    async def acquire(self, key: str, limit: Limit, max_wait_s: float) -> Decision:
+        item = _Pending(
+            self._prefix + key, [repr(limit.interval_s), str(limit.burst), repr(max(0.0, max_wait_s))]
+        )
+        self._queue.append(item)
+        try:
+            if self._leading:
+                await item.done.wait()  # answered by a batch, or woken to lead the next one
+            if not item.answered:
+                await self._send_batch()
+        except BaseException:
+            self._abandon(item)
+            raise
+        try:
+            if item.error is not None:
+                raise item.error
+            reply = item.reply
+            allowed, wait_s, ahead_s = int(reply[0]), float(reply[1]), float(reply[2])
+        except (StoreUnavailable, TypeError, ValueError, IndexError) as exc:
+            return self._without_redis(key, limit, max_wait_s, exc)
+        if self._degraded:
+            self._degraded = False
+            log.info("rate limits are shared through redis again")
+        return decision_from(bool(allowed), wait_s, ahead_s, limit)
+
+    async def _send_batch(self) -> None:
+        """Send the queued decisions (ours first) in one pipeline, answer them all, and wake the
+        next waiter to lead the batch after. Shielded: the others depend on this call, which
+        the runner bounds by its budget anyway."""
+        self._leading = True
+        batch = self._queue[:MAX_BATCH]
+        del self._queue[:MAX_BATCH]
+        try:
+            with trio.CancelScope(shield=True):
+                replies = await self._runner.call(self._pipeline([(i.key, i.args) for i in batch]))
+            self.round_trips += 1
+            for item, reply in zip(batch, replies, strict=True):
+                if isinstance(reply, Exception):
+                    item.error = StoreUnavailable(f"redis refused the script: {reply}")
+                else:
+                    item.reply = reply
+        except StoreUnavailable as exc:
+            for item in batch:
+                item.error = exc
+        finally:
+            for item in batch:
+                item.answered = True
+                item.done.set()
+            self._next_leader()
+
+    def _next_leader(self) -> None:
+        if self._queue:
+            self._queue[0].done.set()  # it wakes unanswered and sends the next batch
+        else:
+            self._leading = False
+
+    def _abandon(self, item: _Pending) -> None:
+        """A caller cancelled before its batch went out: drop its decision, and if it had been
+        woken to lead, pass that on so nobody waits for a leader that is gone."""
+        if item in self._queue:
+            self._queue.remove(item)
+            if item.done.is_set():
+                self._next_leader()
+
+    def _pipeline(self, batch: list[tuple[str, list[str]]]) -> Callable[[redis.Redis], list[Any]]:
+        script = self._script
+
+        def run(client: redis.Redis) -> list[Any]:
+            for attempt in range(2):
+                pipe = client.pipeline(transaction=False)
+                for key, args in batch:
+                    pipe.evalsha(script.sha, 1, key, *args)
+                replies: list[Any] = pipe.execute(raise_on_error=False)
+                if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                    client.script_load(GCRA_LUA)  # flushed or restarted Redis: load, then once more
+                    continue
+                return replies
+            raise AssertionError("unreachable")
+
+        return run
+
+    def _without_redis(self, key: str, limit: Limit, max_wait_s: float, exc: Exception) -> Decision:
+        self.fallbacks += 1
+        if not self._degraded:
+            self._degraded = True
+            log.warning(
+                "rate limit decisions without redis (%s): on_backend_failure=%s", exc, self._on_failure
+            )
+        if self._on_failure == "allow":
+            return Decision(True, remaining=limit.burst, reset_s=0.0)
+        if self._on_failure == "deny":
+            return Decision(False, retry_after_s=DENY_RETRY_AFTER_S)
+        return self._fallback.take(key, limit.scaled(self._share), max_wait_s)
