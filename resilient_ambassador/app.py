@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import final
@@ -17,6 +17,7 @@ from resilient_ambassador.core.messages import Handler
 from resilient_ambassador.core.redact import Json, config_document
 from resilient_ambassador.core.retry import RetryBudget
 from resilient_ambassador.net.admin import AdminServer, Readiness
+from resilient_ambassador.net.relay import RelayServer
 from resilient_ambassador.net.server import HttpServer, RouteRuntime
 from resilient_ambassador.net.upstream import ConnectionPool, UpstreamClient
 from resilient_ambassador.secrets import SecretResolver
@@ -65,9 +66,10 @@ class BoundListeners:
 
     data: list[list[trio.SocketListener]]
     admin: list[trio.SocketListener] = field(default_factory=list)
+    relay: list[list[trio.SocketListener]] = field(default_factory=list)  # one per tcp listener
 
     def close(self) -> None:
-        for listeners in (*self.data, self.admin):
+        for listeners in (*self.data, self.admin, *self.relay):
             for listener in listeners:
                 listener.socket.close()
 
@@ -108,7 +110,11 @@ class App:
             for stage in shared:
                 self.breaker_sync.register(stage)
         self.servers: list[HttpServer] = []
+        self.relays: list[RelayServer] = []  # protocol: tcp listeners
         for listener in config.listeners:
+            if listener.protocol == "tcp":
+                self.relays.append(RelayServer(listener))
+                continue
             routes = {
                 id(route): RouteRuntime(
                     config=route,
@@ -145,6 +151,12 @@ class App:
                         server.config.port, host=server.config.host, backlog=LISTEN_BACKLOG
                     )
                 )
+            for relay in self.relays:
+                bound.relay.append(
+                    await trio.open_tcp_listeners(
+                        relay.config.port, host=relay.config.host, backlog=LISTEN_BACKLOG
+                    )
+                )
             if self.admin is not None:
                 admin = self.config.admin
                 bound.admin = await trio.open_tcp_listeners(admin.port, host=admin.host)
@@ -159,12 +171,15 @@ class App:
         *,
         task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve on the bound listeners (binding them if not given), report the addresses,
-        serve until `drain()`; then wait for in-flight requests up to the grace period."""
+        """Serve on the bound listeners (binding them if not given), report the addresses
+        (HTTP listeners' first, then tcp listeners'), serve until `drain()`; then wait for
+        in-flight requests and open tunnels up to the grace period."""
         if bound is None:
             bound = await self.bind()
         addresses: list[tuple[str, int]] = [
-            listener.socket.getsockname()[:2] for listeners in bound.data for listener in listeners
+            listener.socket.getsockname()[:2]
+            for listeners in (*bound.data, *bound.relay)
+            for listener in listeners
         ]
         self.admin_addresses = [listener.socket.getsockname()[:2] for listener in bound.admin]
         self._started_at = trio.current_time()
@@ -178,7 +193,7 @@ class App:
                 if self.admin is not None and bound.admin:
                     background.start_soon(trio.serve_listeners, self.admin.handle_connection, bound.admin)
                     log.info("admin listener on %s", ", ".join(_address(lst) for lst in bound.admin))
-                await self._serve_connections(bound.data, addresses, task_status)
+                await self._serve_connections(bound.data, addresses, task_status, bound.relay)
                 background.cancel_scope.cancel()
         finally:
             self._serving = False
@@ -194,6 +209,7 @@ class App:
         bound: list[list[trio.SocketListener]],
         addresses: list[tuple[str, int]],
         task_status: trio.TaskStatus[list[tuple[str, int]]],
+        relay_bound: Sequence[list[trio.SocketListener]] = (),
     ) -> None:
         with trio.CancelScope() as connections:
             self._connections = connections
@@ -207,6 +223,21 @@ class App:
                             listeners,
                             handler_nursery=connection_nursery,
                         )
+                    )
+                for relay, listeners in zip(self.relays, relay_bound, strict=True):
+                    accept_nursery.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            relay.handle_connection,
+                            listeners,
+                            handler_nursery=connection_nursery,
+                        )
+                    )
+                    log.info(
+                        "tcp listener %s on %s relaying to %s",
+                        relay.config.name,
+                        ", ".join(_address(listener) for listener in listeners),
+                        ", ".join(str(url) for url in relay.relay.upstreams),
                     )
                 accept_nursery.start_soon(self._sweep_pools)
                 for server, listeners in zip(self.servers, bound, strict=True):
@@ -265,6 +296,13 @@ class App:
                     "skipped": redis.skipped,
                 },
             }
+        tcp_listeners: dict[str, Json] = {
+            relay.config.name: {
+                **asdict(relay.stats),
+                "breaker": dict(asdict(relay.breaker.stats())) if relay.breaker is not None else None,
+            }
+            for relay in self.relays
+        }
         return {
             "ready": self.readiness() == "ready",
             "draining": self.draining,
@@ -273,6 +311,7 @@ class App:
             "upstreams": upstreams,
             "breakers": breakers,
             "shared_breaker": shared,
+            "tcp_listeners": tcp_listeners,
         }
 
     def drain(self) -> None:

@@ -108,8 +108,10 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
         "upstreams",
         "breakers",
         "shared_breaker",
+        "tcp_listeners",
     }
     assert (before["ready"], before["draining"], before["shared_breaker"]) == (True, False, None)
+    assert before["tcp_listeners"] == {}
     assert before["uptime_s"] >= 0
     assert before["listeners"]["main"] == {
         "open_connections": 0,

@@ -1,0 +1,453 @@
+"""TCP relay end to end: real loopback sockets, real TLS (trustme), the real App."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from resilient_ambassador.core.config import BreakerConfig, ListenerTLS, TLSConfig
+from tests.support.client import RawConnection
+from tests.support.daemon import start_daemon
+from tests.support.tcp import (
+    closed_port,
+    echo,
+    greeter,
+    reset,
+    start_tcp_upstream,
+    tcp_config,
+)
+from tests.support.tls import make_tls_material
+
+BLOCK_BYTES = 1024 * 1024
+TRANSFER_BLOCKS = 24  # 24 MiB each way
+
+
+def _blocks(seed: bytes) -> list[bytes]:
+    """Distinct 1 MiB blocks (numbered, so a reordering changes the digest)."""
+    base = hashlib.sha256(seed).digest() * (BLOCK_BYTES // 32)
+    return [i.to_bytes(4, "big") + base[4:] for i in range(TRANSFER_BLOCKS)]
+
+
+async def _exchange(port: int, data: bytes) -> bytes:
+    async with await RawConnection.connect(port) as conn:
+        await conn.send(data)
+        await conn.half_close()
+        read = await conn.receive_until_closed()
+    assert read.ending == "eof"
+    return read.data
+
+
+async def _refused(port: int) -> bool:
+    """Whether the relay closed a new connection without relaying anything (a FIN or, since
+    the client's bytes are unread, usually a reset)."""
+    async with await RawConnection.connect(port) as conn:
+        try:
+            await conn.send(b"anyone?")
+        except trio.BrokenResourceError:
+            return True
+        read = await conn.receive_until_closed()
+    return read.data == b"" and read.ending in ("eof", "reset")
+
+
+async def _roundtrip(port: int, data: bytes) -> bytes:
+    """Send, read back as many bytes, close: for TLS upstreams, which cannot be half-closed."""
+    async with await RawConnection.connect(port) as conn:
+        await conn.send(data)
+        got = b""
+        while len(got) < len(data) and (chunk := await conn.receive_some()):
+            got += chunk
+    return got
+
+
+async def test_echo(nursery: trio.Nursery) -> None:
+    upstream = await start_tcp_upstream(nursery, echo)
+    daemon = await start_daemon(nursery, tcp_config([upstream.address()]))
+
+    assert await _exchange(daemon.port, b"hello relay") == b"hello relay"
+    await trio.testing.wait_all_tasks_blocked(cushion=0.01)  # the relay has closed its side
+
+    stats = daemon.app.stats()["tcp_listeners"]
+    assert isinstance(stats, dict)
+    assert stats["tcp"] == {
+        **stats["tcp"],  # type: ignore[dict-item]
+        "open_tunnels": 0,
+        "tunnels": 1,
+        "bytes_to_upstream": 11,
+        "bytes_to_client": 11,
+    }
+
+
+async def test_large_transfer_both_ways_is_intact(nursery: trio.Nursery) -> None:
+    """Tens of MiB each way at once, checksummed at both ends: nothing lost, reordered or
+    duplicated, and back-pressure keeps both directions moving."""
+    up_blocks, down_blocks = _blocks(b"to-upstream"), _blocks(b"to-client")
+    received_upstream = hashlib.sha256()
+
+    async def upstream_side(stream: trio.abc.Stream) -> None:
+        async def receive() -> None:
+            while data := await stream.receive_some(65536):
+                received_upstream.update(data)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(receive)
+            for block in down_blocks:
+                await stream.send_all(block)
+            assert isinstance(stream, trio.abc.HalfCloseableStream)
+            await stream.send_eof()
+
+    upstream = await start_tcp_upstream(nursery, upstream_side)
+    daemon = await start_daemon(nursery, tcp_config([upstream.address()]))
+    received_client = hashlib.sha256()
+
+    with trio.fail_after(30):
+        async with await RawConnection.connect(daemon.port) as conn:
+
+            async def send() -> None:
+                for block in up_blocks:
+                    await conn.send(block)
+                await conn.half_close()
+
+            async with trio.open_nursery() as n:
+                n.start_soon(send)
+                while data := await conn.stream.receive_some(65536):
+                    received_client.update(data)
+
+    assert received_client.hexdigest() == hashlib.sha256(b"".join(down_blocks)).hexdigest()
+    assert received_upstream.hexdigest() == hashlib.sha256(b"".join(up_blocks)).hexdigest()
+    relay = daemon.app.relays[0].stats
+    assert relay.bytes_to_upstream == relay.bytes_to_client == TRANSFER_BLOCKS * BLOCK_BYTES
+
+
+async def test_half_close_client_eof_still_receives_upstream_reply(nursery: trio.Nursery) -> None:
+    """The client's EOF reaches the upstream as an EOF; the upstream answers after it, and that
+    answer still reaches the client."""
+
+    async def count_then_reply(stream: trio.abc.Stream) -> None:
+        total = 0
+        while data := await stream.receive_some(65536):
+            total += len(data)
+        await trio.sleep(0.05)  # the reply comes well after the client's EOF
+        await stream.send_all(b"got %d bytes" % total)
+
+    upstream = await start_tcp_upstream(nursery, count_then_reply)
+    daemon = await start_daemon(nursery, tcp_config([upstream.address()]))
+
+    assert await _exchange(daemon.port, b"x" * 1000) == b"got 1000 bytes"
+
+
+async def test_upstream_eof_reaches_client_which_can_still_send(nursery: trio.Nursery) -> None:
+    got: list[bytes] = []
+
+    async def greet_then_listen(stream: trio.abc.Stream) -> None:
+        await stream.send_all(b"banner")
+        assert isinstance(stream, trio.abc.HalfCloseableStream)
+        await stream.send_eof()
+        while data := await stream.receive_some(65536):
+            got.append(bytes(data))
+
+    upstream = await start_tcp_upstream(nursery, greet_then_listen)
+    daemon = await start_daemon(nursery, tcp_config([upstream.address()]))
+
+    async with await RawConnection.connect(daemon.port) as conn:
+        read = await conn.receive_until_closed()
+        assert read == type(read)(b"banner", "eof")
+        await conn.send(b"after your eof")
+        await conn.half_close()
+        assert (await conn.receive_until_closed()).ending == "eof"  # the tunnel ended
+    assert b"".join(got) == b"after your eof"
+
+
+async def test_tls_origination_verifies_and_sends_sni(nursery: trio.Nursery, tmp_path: Path) -> None:
+    tls = make_tls_material(tmp_path)
+    upstream = await start_tcp_upstream(nursery, echo, tls.server_context())
+    config = tcp_config([upstream.address("tls", host="localhost")], tls=TLSConfig(ca_file=str(tls.ca_file)))
+    daemon = await start_daemon(nursery, config)
+
+    assert await _roundtrip(daemon.port, b"plain text in, TLS out") == b"plain text in, TLS out"
+    assert upstream.server_names == ["localhost"]
+
+
+async def test_tls_wrong_name_fails_closes_and_counts(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tls = make_tls_material(tmp_path)
+    upstream = await start_tcp_upstream(nursery, echo, tls.server_context(cert="wrong_name"))
+    breaker = BreakerConfig(failure_threshold=5, min_requests=0)
+    config = tcp_config(
+        [upstream.address("tls", host="localhost")],
+        tls=TLSConfig(ca_file=str(tls.ca_file)),
+        breaker=breaker,
+    )
+    daemon = await start_daemon(nursery, config)
+
+    async with await RawConnection.connect(daemon.port) as conn:
+        await conn.send(b"secret request")
+        read = await conn.receive_until_closed()
+
+    assert read.data == b""
+    assert read.ending in ("eof", "reset")
+    relay = daemon.app.relays[0]
+    assert relay.stats.connect_failures == 1
+    assert relay.stats.tunnels == 0
+    assert relay.breaker is not None
+    assert relay.breaker.stats().failures == 1
+    assert "TLS handshake with tls://localhost" in caplog.text
+    assert "certificate" in caplog.text.lower()
+
+
+async def test_mtls_presents_the_client_certificate(nursery: trio.Nursery, tmp_path: Path) -> None:
+    tls = make_tls_material(tmp_path)
+    upstream = await start_tcp_upstream(nursery, echo, tls.server_context(require_client_cert=True))
+    origination = TLSConfig(
+        ca_file=str(tls.ca_file),
+        cert_file=str(tls.client_cert_file),
+        key_file=str(tls.client_key_file),
+        min_version="1.3",
+    )
+    daemon = await start_daemon(
+        nursery, tcp_config([upstream.address("tls", host="localhost")], tls=origination)
+    )
+
+    assert await _roundtrip(daemon.port, b"mutual") == b"mutual"
+
+
+async def test_listener_side_tls(nursery: trio.Nursery, tmp_path: Path) -> None:
+    tls = make_tls_material(tmp_path)
+    cert_file, key_file = tmp_path / "server.pem", tmp_path / "server-key.pem"
+    tls.server_cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    tls.server_cert.private_key_pem.write_to_path(str(key_file))
+    upstream = await start_tcp_upstream(nursery, echo)
+    daemon = await start_daemon(
+        nursery, tcp_config([upstream.address()], listener_tls=ListenerTLS(str(cert_file), str(key_file)))
+    )
+
+    with trio.fail_after(5):
+        tcp = await trio.open_tcp_stream("127.0.0.1", daemon.port)
+        client = trio.SSLStream(tcp, tls.client_context(), server_hostname="localhost")
+        await client.send_all(b"over TLS")
+        assert await client.receive_some(100) == b"over TLS"
+        await client.aclose()
+
+
+async def test_refused_upstream_closes_the_client(nursery: trio.Nursery) -> None:
+    daemon = await start_daemon(nursery, tcp_config([f"tcp://127.0.0.1:{closed_port()}"]))
+
+    assert await _refused(daemon.port)
+    assert daemon.app.relays[0].stats.connect_failures == 1
+
+
+async def test_upstream_reset_is_passed_on(nursery: trio.Nursery) -> None:
+    async def read_then_reset(stream: trio.abc.Stream) -> None:
+        await stream.receive_some(100)
+        await stream.send_all(b"partial")
+        reset(stream)
+
+    upstream = await start_tcp_upstream(nursery, read_then_reset)
+    daemon = await start_daemon(nursery, tcp_config([upstream.address()]))
+
+    async with await RawConnection.connect(daemon.port) as conn:
+        await conn.send(b"go")
+        read = await conn.receive_until_closed()
+
+    assert read.ending == "reset"
+    assert daemon.app.relays[0].stats.resets == 1
+
+
+async def test_client_reset_closes_the_upstream(nursery: trio.Nursery) -> None:
+    ended = trio.Event()
+
+    async def wait_for_end(stream: trio.abc.Stream) -> None:
+        try:
+            while await stream.receive_some(100):
+                pass
+        finally:
+            ended.set()
+
+    upstream = await start_tcp_upstream(nursery, wait_for_end)
+    daemon = await start_daemon(nursery, tcp_config([upstream.address()]))
+    conn = await RawConnection.connect(daemon.port)
+    await conn.send(b"hi")
+    reset(conn.stream)
+
+    with trio.fail_after(5):
+        await ended.wait()
+    assert daemon.app.relays[0].stats.resets == 1
+
+
+async def test_failover_to_the_second_address(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream = await start_tcp_upstream(nursery, greeter(b"second|"))
+    dead = f"tcp://127.0.0.1:{closed_port()}"
+    daemon = await start_daemon(nursery, tcp_config([dead, upstream.address()]))
+
+    assert await _exchange(daemon.port, b"x") == b"second|x"
+    assert f"connect to {dead} failed" in caplog.text
+    assert "trying the next address" in caplog.text
+
+
+async def test_round_robin(nursery: trio.Nursery) -> None:
+    a = await start_tcp_upstream(nursery, greeter(b"a"))
+    b = await start_tcp_upstream(nursery, greeter(b"b"))
+    daemon = await start_daemon(nursery, tcp_config([a.address(), b.address()], balance="round_robin"))
+
+    assert [await _exchange(daemon.port, b"") for _ in range(4)] == [b"a", b"b", b"a", b"b"]
+
+
+async def test_ordered_always_starts_with_the_first(nursery: trio.Nursery) -> None:
+    a = await start_tcp_upstream(nursery, greeter(b"a"))
+    b = await start_tcp_upstream(nursery, greeter(b"b"))
+    daemon = await start_daemon(nursery, tcp_config([a.address(), b.address()]))
+
+    assert [await _exchange(daemon.port, b"") for _ in range(3)] == [b"a", b"a", b"a"]
+
+
+async def test_dns_failure_has_a_clear_log_line(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    daemon = await start_daemon(nursery, tcp_config(["tcp://no-such-host.invalid:5432"]))
+
+    assert await _refused(daemon.port)
+    assert "DNS resolution failed for no-such-host.invalid" in caplog.text
+
+
+async def test_idle_timeout(nursery: trio.Nursery, mock_clock: trio.testing.MockClock) -> None:
+    upstream = await start_tcp_upstream(nursery, echo)
+    daemon = await start_daemon(nursery, tcp_config([upstream.address()], idle_timeout_s=300))
+
+    async with await RawConnection.connect(daemon.port) as conn:
+        await conn.send(b"ping")
+        assert await conn.receive_some() == b"ping"
+        mock_clock.jump(299)
+        await conn.send(b"still here")  # activity restarts the idle timer
+        assert await conn.receive_some() == b"still here"
+        mock_clock.jump(299)
+        await trio.testing.wait_all_tasks_blocked()
+        assert daemon.app.relays[0].stats.idle_timeouts == 0
+        mock_clock.jump(2)
+        read = await conn.receive_until_closed()
+
+    assert read == type(read)(b"", "eof")
+    assert daemon.app.relays[0].stats.idle_timeouts == 1
+
+
+async def _open_tunnel(port: int) -> RawConnection:
+    conn = await RawConnection.connect(port)
+    await conn.send(b"hold")
+    assert await conn.receive_some() == b"hold"
+    return conn
+
+
+async def test_max_connections_refuse(nursery: trio.Nursery) -> None:
+    upstream = await start_tcp_upstream(nursery, echo)
+    daemon = await start_daemon(nursery, tcp_config([upstream.address()], max_connections=1))
+
+    async with await _open_tunnel(daemon.port):
+        assert await _refused(daemon.port)
+    assert daemon.app.relays[0].stats.refused_limit == 1
+    assert upstream.connections == 1
+
+
+async def test_max_connections_queue_then_pass(nursery: trio.Nursery) -> None:
+    upstream = await start_tcp_upstream(nursery, echo)
+    daemon = await start_daemon(
+        nursery, tcp_config([upstream.address()], max_connections=1, on_limit="queue", queue_timeout_s=5)
+    )
+    first = await _open_tunnel(daemon.port)
+    results: list[bytes] = []
+
+    async def second() -> None:
+        results.append(await _exchange(daemon.port, b"queued"))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(second)
+        await trio.sleep(0.05)
+        assert results == []  # waiting for the slot
+        await first.half_close()
+        assert (await first.receive_until_closed()).ending == "eof"
+        await first.aclose()
+    assert results == [b"queued"]
+
+
+async def test_max_connections_queue_times_out(
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    upstream = await start_tcp_upstream(nursery, echo)
+    daemon = await start_daemon(
+        nursery, tcp_config([upstream.address()], max_connections=1, on_limit="queue", queue_timeout_s=2)
+    )
+    async with await _open_tunnel(daemon.port), await RawConnection.connect(daemon.port) as queued:
+        await queued.send(b"waiting")
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # the relay queues it
+        mock_clock.jump(2.5)
+        read = await queued.receive_until_closed()
+    assert read.data == b""
+    assert daemon.app.relays[0].stats.refused_limit == 1
+
+
+async def test_connection_rate(nursery: trio.Nursery) -> None:
+    upstream = await start_tcp_upstream(nursery, echo)
+    daemon = await start_daemon(nursery, tcp_config([upstream.address()], connection_rate=(2.0, 60.0)))
+
+    assert [await _exchange(daemon.port, b"r") for _ in range(2)] == [b"r", b"r"]
+    assert await _refused(daemon.port)
+    assert daemon.app.relays[0].stats.refused_rate == 1
+
+
+async def test_breaker_opens_on_connect_failures_and_refuses_fast(
+    nursery: trio.Nursery, mock_clock: trio.testing.MockClock
+) -> None:
+    port = closed_port()
+    breaker = BreakerConfig(failure_threshold=2, min_requests=0, reset_timeout_s=30)
+    daemon = await start_daemon(nursery, tcp_config([f"tcp://127.0.0.1:{port}"], breaker=breaker))
+    relay = daemon.app.relays[0]
+
+    for _ in range(3):
+        assert await _refused(daemon.port)
+    assert relay.stats.connect_failures == 2  # the third never tried to connect
+    assert relay.stats.refused_breaker == 1
+    assert relay.breaker is not None
+    assert relay.breaker.state == "open"
+
+    # The upstream comes back: after reset_timeout a probe passes and closes the breaker.
+    upstream = await start_tcp_upstream(nursery, echo)
+    daemon2_config = tcp_config([upstream.address()], breaker=breaker)
+    assert daemon2_config.listeners[0].relay is not None
+    mock_clock.jump(31)
+    relay.relay = daemon2_config.listeners[0].relay  # same breaker, now a live address
+    assert await _exchange(daemon.port, b"back") == b"back"
+    assert relay.breaker.state == "closed"
+
+
+async def test_drain_lets_an_open_tunnel_finish(nursery: trio.Nursery) -> None:
+    upstream = await start_tcp_upstream(nursery, echo)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as daemon_nursery:
+            daemon = await start_daemon(daemon_nursery, tcp_config([upstream.address()]))
+            conn = await _open_tunnel(daemon.port)
+            daemon.app.drain()
+            with pytest.raises(OSError, match="all attempts to connect"):
+                await trio.open_tcp_stream("127.0.0.1", daemon.port)
+            await conn.send(b"still relayed")  # the open tunnel keeps working
+            assert await conn.receive_some() == b"still relayed"
+            await conn.half_close()
+            assert (await conn.receive_until_closed()).ending == "eof"
+            await conn.aclose()
+        # serve() returned once the last tunnel ended, long before the grace period.
+
+
+async def test_drain_grace_period_closes_tunnels(nursery: trio.Nursery) -> None:
+    upstream = await start_tcp_upstream(nursery, echo)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as daemon_nursery:
+            daemon = await start_daemon(daemon_nursery, tcp_config([upstream.address()], grace_period_s=0.1))
+            conn = await _open_tunnel(daemon.port)
+            daemon.app.drain()
+            read = await conn.receive_until_closed()
+            await conn.aclose()
+    assert read.data == b""
+    assert read.ending in ("eof", "reset")
