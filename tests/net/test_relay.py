@@ -86,11 +86,13 @@ async def test_large_transfer_both_ways_is_intact(nursery: trio.Nursery) -> None
     duplicated, and back-pressure keeps both directions moving."""
     up_blocks, down_blocks = _blocks(b"to-upstream"), _blocks(b"to-client")
     received_upstream = hashlib.sha256()
+    upstream_done = trio.Event()
 
     async def upstream_side(stream: trio.abc.Stream) -> None:
         async def receive() -> None:
             while data := await stream.receive_some(65536):
                 received_upstream.update(data)
+            upstream_done.set()
 
         async with trio.open_nursery() as n:
             n.start_soon(receive)
@@ -115,6 +117,7 @@ async def test_large_transfer_both_ways_is_intact(nursery: trio.Nursery) -> None
                 n.start_soon(send)
                 while data := await conn.stream.receive_some(65536):
                     received_client.update(data)
+            await upstream_done.wait()  # the upstream's EOF may come before it has read everything
 
     assert received_client.hexdigest() == hashlib.sha256(b"".join(down_blocks)).hexdigest()
     assert received_upstream.hexdigest() == hashlib.sha256(b"".join(up_blocks)).hexdigest()
