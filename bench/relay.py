@@ -1,16 +1,20 @@
 """TCP relay benchmark: bulk throughput (MB/s) and small keep-alive HTTP exchanges (req/s),
 direct vs through resilient-ambassador's tcp listener vs through socat, in one run.
 
-  direct  client -> upstream                                    (the ceiling of client and upstream)
-  relay   client -> resilient-ambassador (--upstream tcp://) -> upstream   (the system under test)
-  socat   client -> socat TCP-LISTEN:P,fork TCP:upstream -> upstream        (when socat is installed)
+  direct     client -> upstream                                   (the ceiling of client and upstream)
+  relay      client -> resilient-ambassador (--upstream tcp://) -> upstream  (the system under test)
+  socat      client -> socat TCP-LISTEN:P,fork TCP:upstream -> upstream      (socat's default 8 KiB buffer)
+  socat-64k  the same with socat -b 65536 (the relay's chunk size)           (socat paths: when installed)
 
+The forwarder is pinned to one core and everything else to the others (--no-pin: not), so
+the one-process relay and socat's process per connection get the same CPU.
 Bulk: --bulk-mib MiB per transfer, download (upstream -> client) and upload (client -> upstream)
 separately, against bench/bulk_upstream.py; each path runs --rounds times in alternating order
-and the median is shown, with the forwarder's CPU use over the transfers (1.0 = one core).
-HTTP: the closed-loop load generator of bench/loadgen.py (wrk when installed) with
+and the median is shown, with the forwarder's CPU seconds per GB relayed (socat's children
+included). HTTP: the closed-loop load generator of bench/loadgen.py (wrk when installed) with
 --connections keep-alive connections against bench/canned_upstream.py, --duration seconds per
-path. Results also go to bench/results/relay.json. See bench/README.md.
+path, with the forwarder's CPU microseconds per request. Results also go to
+bench/results/relay.json. See bench/README.md.
 
 Usage: .venv/bin/python bench/relay.py [--bulk-mib 512] [--rounds 3] [--duration 5] [--quick]
 """
@@ -53,7 +57,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--processes", type=int, default=1, help="load generator processes (default 1)")
     parser.add_argument("--size", type=int, default=1024, help="HTTP response body bytes (default 1024)")
-    parser.add_argument("--paths", default="direct,relay,socat", help="comma-separated subset")
+    parser.add_argument(
+        "--paths",
+        default="direct,relay,socat,socat-64k",
+        help="comma-separated subset of direct, relay, socat (default 8 KiB buffer), socat-64k (-b 65536)",
+    )
     parser.add_argument("--quick", action="store_true", help="64 MiB, 1 round, 2 s of HTTP load")
     parser.add_argument(
         "--no-pin",
@@ -85,9 +93,10 @@ def _daemon(upstream_port: int) -> Callable[[int], list[str]]:
     ]
 
 
-def _socat(upstream_port: int) -> Callable[[int], list[str]]:
+def _socat(upstream_port: int, buffer_bytes: int | None) -> Callable[[int], list[str]]:
     return lambda port: [
         "socat",
+        *(["-b", str(buffer_bytes)] if buffer_bytes else []),
         f"TCP-LISTEN:{port},bind={LOOPBACK},fork,reuseaddr,backlog=1024",
         f"TCP:{LOOPBACK}:{upstream_port}",
     ]
@@ -115,7 +124,10 @@ def forwarder(path: str, upstream: ServerProcess) -> Iterator[ServerProcess | No
     if path == "direct":
         yield None
         return
-    argv = _daemon(upstream.port) if path == "relay" else _socat(upstream.port)
+    if path == "relay":
+        argv = _daemon(upstream.port)
+    else:  # "socat" (its default 8 KiB buffer, as people run it) or "socat-64k" (-b 65536)
+        argv = _socat(upstream.port, 65536 if path == "socat-64k" else None)
     server = start_server(f"{path}-{upstream.name}", argv, cpus=CPUS[0] if CPUS else None)
     try:
         yield server
@@ -271,7 +283,7 @@ def http(args: argparse.Namespace, upstream: ServerProcess, generator: str) -> d
 def render(doc: dict[str, Any]) -> str:
     lines = [
         "",
-        f"{'path':<8}{'download MB/s':>15}{'upload MB/s':>13}{'CPU s/GB':>10}"
+        f"{'path':<10}{'download MB/s':>15}{'upload MB/s':>13}{'CPU s/GB':>10}"
         f"{'HTTP req/s':>12}{'p50 ms':>8}{'p99 ms':>8}{'CPU us/req':>12}",
     ]
 
@@ -281,11 +293,11 @@ def render(doc: dict[str, Any]) -> str:
     for path in doc["paths"]:
         b, h = doc["bulk"].get(path, {}), doc["http"].get(path, {})
         lines.append(
-            f"{path:<8}{f(b.get('download')):>15}{f(b.get('upload')):>13}{f(b.get('cpu_s_per_gb'), 2):>10}"
+            f"{path:<10}{f(b.get('download')):>13}{f(b.get('upload')):>13}{f(b.get('cpu_s_per_gb'), 2):>10}"
             f"{f(h.get('requests_per_s')):>12}{f(h.get('p50_ms'), 2):>8}{f(h.get('p99_ms'), 2):>8}"
             f"{f(h.get('cpu_us_per_request'), 1):>12}"
         )
-    for other in ("direct", "socat"):
+    for other in ("direct", "socat", "socat-64k"):
         if "relay" in doc["bulk"] and other in doc["bulk"]:
             r, o = doc["bulk"]["relay"], doc["bulk"][other]
             hr, ho = doc["http"]["relay"], doc["http"][other]
@@ -302,9 +314,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     os.environ.update(env)
-    if "socat" in args.path_list and shutil.which("socat") is None:
+    if shutil.which("socat") is None and any(p.startswith("socat") for p in args.path_list):
         print("  socat is not installed: skipping it (apt-get install socat to compare)")
-        args.path_list.remove("socat")
+        args.path_list = [p for p in args.path_list if not p.startswith("socat")]
     global CPUS
     CPUS = None if args.no_pin else split_cpus()
     if CPUS is not None:
