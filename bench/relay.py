@@ -13,7 +13,9 @@ separately, against bench/bulk_upstream.py; each path runs --rounds times in alt
 and the median is shown, with the forwarder's CPU seconds per GB relayed (socat's children
 included). HTTP: the closed-loop load generator of bench/loadgen.py (wrk when installed) with
 --connections keep-alive connections against bench/canned_upstream.py, --duration seconds per
-path, with the forwarder's CPU microseconds per request. Results also go to
+path and round, with the forwarder's CPU microseconds per request. The relay/other ratios are
+taken per round (paths of one round run back to back) and summarised as median [min-max]:
+on a shared VM the machine's speed drifts between rounds far more than within one. Results also go to
 bench/results/relay.json. See bench/README.md.
 
 Usage: .venv/bin/python bench/relay.py [--bulk-mib 512] [--rounds 3] [--duration 5] [--quick]
@@ -217,14 +219,19 @@ class CpuMeter:
             self.cpu_s = end - self._start
 
 
-def bulk(args: argparse.Namespace, upstream: ServerProcess) -> dict[str, Any]:
+Rounds = dict[str, list[dict[str, float | None]]]  # path -> one dict of figures per round
+
+
+def _order(paths: list[str], round_no: int) -> list[str]:
+    """Forward, then reversed, then forward: a drift over the run reaches every path alike."""
+    return paths if round_no % 2 == 0 else list(reversed(paths))
+
+
+def bulk(args: argparse.Namespace, upstream: ServerProcess) -> Rounds:
     size = args.bulk_mib * 1024 * 1024
-    results: dict[str, dict[str, list[float]]] = {
-        p: {"download": [], "upload": [], "cpu_s_per_gb": []} for p in args.path_list
-    }
+    rounds: Rounds = {p: [] for p in args.path_list}
     for round_no in range(args.rounds):
-        order = args.path_list if round_no % 2 == 0 else list(reversed(args.path_list))
-        for path in order:
+        for path in _order(args.path_list, round_no):
             with forwarder(path, upstream) as fwd:
                 port = fwd.port if fwd is not None else upstream.port
                 download(port, 1 << 20)  # warm the path (and the daemon's imports) up
@@ -233,56 +240,86 @@ def bulk(args: argparse.Namespace, upstream: ServerProcess) -> dict[str, Any]:
                 down_s = download(port, size)
                 up_s = upload(port, size)
                 meter.stop()
-            results[path]["download"].append(size / down_s / MB)
-            results[path]["upload"].append(size / up_s / MB)
-            if meter.cpu_s is not None:
-                results[path]["cpu_s_per_gb"].append(meter.cpu_s / (2 * size / 1e9))
+            figures = {
+                "download": size / down_s / MB,
+                "upload": size / up_s / MB,
+                "cpu_s_per_gb": meter.cpu_s / (2 * size / 1e9) if meter.cpu_s is not None else None,
+            }
+            rounds[path].append(figures)
             print(
-                f"  bulk round {round_no + 1} {path:<6} download {size / down_s / MB:8.0f} MB/s  "
-                f"upload {size / up_s / MB:8.0f} MB/s",
+                f"  bulk round {round_no + 1} {path:<9} download {figures['download']:8.0f} MB/s  "
+                f"upload {figures['upload']:8.0f} MB/s",
                 flush=True,
             )
-    return {
-        path: {key: round(statistics.median(values), 3) if values else None for key, values in r.items()}
-        for path, r in results.items()
-    }
+    return rounds
 
 
-def http(args: argparse.Namespace, upstream: ServerProcess, generator: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path in args.path_list:
-        with forwarder(path, upstream) as fwd:
-            port = fwd.port if fwd is not None else upstream.port
-            spec = LoadSpec(
-                host=LOOPBACK,
-                port=port,
-                connections=args.connections,
-                duration_s=args.duration,
-                warmup_s=args.warmup,
-                processes=args.processes,
+def http(args: argparse.Namespace, upstream: ServerProcess, generator: str) -> Rounds:
+    rounds: Rounds = {p: [] for p in args.path_list}
+    for round_no in range(args.rounds):
+        for path in _order(args.path_list, round_no):
+            with forwarder(path, upstream) as fwd:
+                port = fwd.port if fwd is not None else upstream.port
+                spec = LoadSpec(
+                    host=LOOPBACK,
+                    port=port,
+                    connections=args.connections,
+                    duration_s=args.duration,
+                    warmup_s=args.warmup,
+                    processes=args.processes,
+                )
+                meter = CpuMeter(fwd)
+                result = run_load(spec, "wrk" if generator == "wrk" else "builtin", meter.start, meter.stop)
+            figures = {
+                "requests_per_s": result.requests_per_s,
+                "p50_ms": result.percentiles_ms.get("p50"),
+                "p99_ms": result.percentiles_ms.get("p99"),
+                "errors": float(result.error_count),
+                "cpu_us_per_request": meter.cpu_s / result.requests * 1e6
+                if meter.cpu_s is not None and result.requests
+                else None,
+            }
+            rounds[path].append(figures)
+            print(
+                f"  http round {round_no + 1} {path:<9} {result.requests_per_s:9.0f} req/s  "
+                f"p50 {figures['p50_ms'] or 0:.2f} ms  p99 {figures['p99_ms'] or 0:.2f} ms  "
+                f"errors {result.error_count}",
+                flush=True,
             )
-            meter = CpuMeter(fwd)
-            result = run_load(spec, "wrk" if generator == "wrk" else "builtin", meter.start, meter.stop)
-        out[path] = {
-            "requests_per_s": round(result.requests_per_s, 1),
-            "p50_ms": round(result.percentiles_ms.get("p50", float("nan")), 3),
-            "p99_ms": round(result.percentiles_ms.get("p99", float("nan")), 3),
-            "errors": result.error_count,
-            "cpu_us_per_request": round(meter.cpu_s / result.requests * 1e6, 1)
-            if meter.cpu_s is not None and result.requests
-            else None,
-        }
-        print(
-            f"  http {path:<6} {result.requests_per_s:9.0f} req/s  p50 {out[path]['p50_ms']:.2f} ms  "
-            f"p99 {out[path]['p99_ms']:.2f} ms  errors {result.error_count}",
-            flush=True,
-        )
+    return rounds
+
+
+def medians(rounds: Rounds) -> dict[str, dict[str, float | None]]:
+    out: dict[str, dict[str, float | None]] = {}
+    for path, per_round in rounds.items():
+        keys = per_round[0].keys() if per_round else ()
+        out[path] = {}
+        for key in keys:
+            values = [value for r in per_round if (value := r[key]) is not None]
+            out[path][key] = round(statistics.median(values), 3) if values else None
     return out
+
+
+def paired_ratio(rounds: Rounds, key: str, mine: str, other: str) -> dict[str, float] | None:
+    """relay/other per round (the two ran minutes apart at most): median, min, max."""
+    ratios = [
+        x / y
+        for a, b in zip(rounds.get(mine, []), rounds.get(other, []), strict=False)
+        if (x := a[key]) and (y := b[key])
+    ]
+    if not ratios:
+        return None
+    return {
+        "median": round(statistics.median(ratios), 3),
+        "min": round(min(ratios), 3),
+        "max": round(max(ratios), 3),
+    }
 
 
 def render(doc: dict[str, Any]) -> str:
     lines = [
         "",
+        "medians over the rounds:",
         f"{'path':<10}{'download MB/s':>15}{'upload MB/s':>13}{'CPU s/GB':>10}"
         f"{'HTTP req/s':>12}{'p50 ms':>8}{'p99 ms':>8}{'CPU us/req':>12}",
     ]
@@ -293,19 +330,18 @@ def render(doc: dict[str, Any]) -> str:
     for path in doc["paths"]:
         b, h = doc["bulk"].get(path, {}), doc["http"].get(path, {})
         lines.append(
-            f"{path:<10}{f(b.get('download')):>13}{f(b.get('upload')):>13}{f(b.get('cpu_s_per_gb'), 2):>10}"
+            f"{path:<10}{f(b.get('download')):>15}{f(b.get('upload')):>13}{f(b.get('cpu_s_per_gb'), 2):>10}"
             f"{f(h.get('requests_per_s')):>12}{f(h.get('p50_ms'), 2):>8}{f(h.get('p99_ms'), 2):>8}"
             f"{f(h.get('cpu_us_per_request'), 1):>12}"
         )
-    for other in ("direct", "socat", "socat-64k"):
-        if "relay" in doc["bulk"] and other in doc["bulk"]:
-            r, o = doc["bulk"]["relay"], doc["bulk"][other]
-            hr, ho = doc["http"]["relay"], doc["http"][other]
-            lines.append(
-                f"relay/{other}: download {r['download'] / o['download']:.2f}  "
-                f"upload {r['upload'] / o['upload']:.2f}  "
-                f"HTTP req/s {hr['requests_per_s'] / ho['requests_per_s']:.2f}"
-            )
+    lines.append("relay / other, per round (median [min-max]):")
+    for other, ratios in doc["ratios"].items():
+        parts = [
+            f"{label} {r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]"
+            for label, r in ratios.items()
+            if r is not None
+        ]
+        lines.append(f"  relay/{other}: " + "  ".join(parts))
     return "\n".join(lines)
 
 
@@ -358,8 +394,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "paths": args.path_list,
             "pinned": {"forwarder": sorted(CPUS[0]), "others": sorted(CPUS[1])} if CPUS else None,
         }
-        doc["bulk"] = bulk(args, bulk_upstream)
-        doc["http"] = http(args, http_upstream, generator)
+        bulk_rounds = bulk(args, bulk_upstream)
+        http_rounds = http(args, http_upstream, generator)
+        doc["bulk"], doc["http"] = medians(bulk_rounds), medians(http_rounds)
+        doc["ratios"] = {
+            other: {
+                "download": paired_ratio(bulk_rounds, "download", "relay", other),
+                "upload": paired_ratio(bulk_rounds, "upload", "relay", other),
+                "HTTP req/s": paired_ratio(http_rounds, "requests_per_s", "relay", other),
+            }
+            for other in args.path_list
+            if other != "relay" and "relay" in args.path_list
+        }
+        doc["rounds"] = {"bulk": bulk_rounds, "http": http_rounds}
     finally:
         bulk_upstream.close()
         http_upstream.close()
