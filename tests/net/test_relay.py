@@ -10,6 +10,7 @@ import trio
 import trio.testing
 
 from resilient_ambassador.core.config import BreakerConfig, ListenerTLS, TLSConfig
+from resilient_ambassador.net import relay as relay_module
 from tests.support.client import RawConnection
 from tests.support.daemon import start_daemon
 from tests.support.tcp import (
@@ -81,9 +82,24 @@ async def test_echo(nursery: trio.Nursery) -> None:
     }
 
 
-async def test_large_transfer_both_ways_is_intact(nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("splice", [True, False], ids=["splice", "copy"])
+async def test_large_transfer_both_ways_is_intact(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, splice: bool
+) -> None:
     """Tens of MiB each way at once, checksummed at both ends: nothing lost, reordered or
-    duplicated, and back-pressure keeps both directions moving."""
+    duplicated, and back-pressure keeps both directions moving; with splice (Linux, bulk) and
+    with the copy path."""
+    if splice and not relay_module.SPLICE:
+        pytest.skip("no splice(2) here")
+    monkeypatch.setattr(relay_module, "SPLICE", splice)
+    pipes_opened: list[object] = []
+    open_pipe = relay_module._open_pipe
+
+    def counting_open_pipe() -> tuple[int, int] | None:
+        pipes_opened.append(pipe := open_pipe())
+        return pipe
+
+    monkeypatch.setattr(relay_module, "_open_pipe", counting_open_pipe)
     up_blocks, down_blocks = _blocks(b"to-upstream"), _blocks(b"to-client")
     received_upstream = hashlib.sha256()
     upstream_done = trio.Event()
@@ -123,6 +139,8 @@ async def test_large_transfer_both_ways_is_intact(nursery: trio.Nursery) -> None
     assert received_upstream.hexdigest() == hashlib.sha256(b"".join(up_blocks)).hexdigest()
     relay = daemon.app.relays[0].stats
     assert relay.bytes_to_upstream == relay.bytes_to_client == TRANSFER_BLOCKS * BLOCK_BYTES
+    assert len(pipes_opened) == (2 if splice else 0)  # one per direction, once bulk was seen
+    assert None not in pipes_opened
 
 
 async def test_half_close_client_eof_still_receives_upstream_reply(nursery: trio.Nursery) -> None:
