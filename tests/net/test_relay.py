@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -472,3 +473,48 @@ async def test_drain_grace_period_closes_tunnels(nursery: trio.Nursery) -> None:
             await conn.aclose()
     assert read.data == b""
     assert read.ending in ("eof", "reset")
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+async def test_no_socket_or_pipe_leaks(nursery: trio.Nursery) -> None:
+    """Every way a tunnel ends gives back its sockets (and splice pipes)."""
+
+    async def read_then_reset(stream: trio.abc.Stream) -> None:
+        await stream.receive_some(100)
+        reset(stream)
+
+    async def bulk_source(stream: trio.abc.Stream) -> None:
+        await stream.receive_some(100)
+        for block in _blocks(b"fd-check")[:4]:
+            await stream.send_all(block)
+        assert isinstance(stream, trio.abc.HalfCloseableStream)
+        await stream.send_eof()
+
+    echoing = await start_tcp_upstream(nursery, echo)
+    resetting = await start_tcp_upstream(nursery, read_then_reset)
+    bulky = await start_tcp_upstream(nursery, bulk_source)
+    daemons = [
+        await start_daemon(nursery, tcp_config([up.address()], max_connections=2))
+        for up in (echoing, resetting, bulky)
+    ]
+    refused = await start_daemon(nursery, tcp_config([f"tcp://127.0.0.1:{closed_port()}"]))
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    before = _open_fds()
+
+    for _ in range(3):
+        assert await _exchange(daemons[0].port, b"fine") == b"fine"
+        async with await RawConnection.connect(daemons[1].port) as conn:
+            await conn.send(b"go")
+            assert (await conn.receive_until_closed()).ending == "reset"
+        assert len(await _exchange(daemons[2].port, b"give")) == 4 * BLOCK_BYTES
+        assert await _refused(refused.port)
+    async with await _open_tunnel(daemons[0].port), await _open_tunnel(daemons[0].port):
+        assert await _refused(daemons[0].port)  # over max_connections
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+
+    assert _open_fds() == before
+    assert sum(d.app.relays[0].stats.open_tunnels for d in daemons) == 0
