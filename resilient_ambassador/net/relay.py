@@ -91,11 +91,15 @@ class RelayStats:
 class _Tunnel:
     """One relayed connection's state shared by its pumps and idle watchdog."""
 
-    __slots__ = ("broken", "last_active_at")
+    __slots__ = ("broken", "bytes_to_client", "bytes_to_upstream", "idle", "last_active_at", "started_at")
 
     def __init__(self, now: float) -> None:
+        self.started_at = now
         self.last_active_at = now
         self.broken = False
+        self.idle = False
+        self.bytes_to_upstream = 0
+        self.bytes_to_client = 0
 
 
 @final
@@ -193,6 +197,7 @@ class RelayServer:
                 downstream = tls
             if downstream is stream:
                 self.stats.client_handshake_failures += 1
+                self._warn("client-tls", "client TLS handshake not done within %gs", HANDSHAKE_TIMEOUT_S)
                 return
         request = Request(method=b"CONNECT", target=b"", headers=[], client_ip=_peer_ip(stream))
         try:
@@ -287,6 +292,15 @@ class RelayServer:
                 pumps.start_soon(pump, downstream, upstream, tunnel, pumps.cancel_scope, True)
                 pumps.start_soon(pump, upstream, downstream, tunnel, pumps.cancel_scope, False)
             watch.cancel_scope.cancel()
+        how = "reset" if tunnel.broken else "idle" if tunnel.idle else "done"
+        log.debug(
+            "listener %s: tunnel closed (%s) after %.3fs: %d bytes to upstream, %d to client",
+            self.config.name,
+            how,
+            trio.current_time() - tunnel.started_at,
+            tunnel.bytes_to_upstream,
+            tunnel.bytes_to_client,
+        )
         if tunnel.broken:
             self.stats.resets += 1
             # Pass the reset on: the side that did not break learns the tunnel did not end cleanly.
@@ -313,8 +327,10 @@ class RelayServer:
                 await dst.send_all(data)
                 if to_upstream:
                     stats.bytes_to_upstream += len(data)
+                    tunnel.bytes_to_upstream += len(data)
                 else:
                     stats.bytes_to_client += len(data)
+                    tunnel.bytes_to_client += len(data)
             if isinstance(dst, trio.abc.HalfCloseableStream):
                 await dst.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -351,8 +367,10 @@ class RelayServer:
                     tunnel.last_active_at = trio.current_time()
                     if to_upstream:
                         stats.bytes_to_upstream += size
+                        tunnel.bytes_to_upstream += size
                     else:
                         stats.bytes_to_client += size
+                        tunnel.bytes_to_client += size
                     since_yield += 1
                     if since_yield >= YIELD_EVERY:
                         await trio.lowlevel.checkpoint()
@@ -382,8 +400,10 @@ class RelayServer:
                             since_yield = 0
                 if to_upstream:
                     stats.bytes_to_upstream += size
+                    tunnel.bytes_to_upstream += size
                 else:
                     stats.bytes_to_client += size
+                    tunnel.bytes_to_client += size
                 if size < CHUNK_BYTES:
                     # A short read emptied the socket buffer: the next read would almost surely
                     # be EAGAIN, so wait first (level-triggered: bytes that came since count).
@@ -411,6 +431,7 @@ class RelayServer:
             deadline = tunnel.last_active_at + idle_s
             if trio.current_time() >= deadline:
                 self.stats.idle_timeouts += 1
+                tunnel.idle = True
                 log.info("listener %s: tunnel idle for %gs, closing it", self.config.name, idle_s)
                 scope.cancel()
                 return

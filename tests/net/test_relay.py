@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import ssl
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ from tests.support.tcp import (
     start_tcp_upstream,
     tcp_config,
 )
-from tests.support.tls import make_tls_material
+from tests.support.tls import ServerCertKind, make_tls_material
 
 BLOCK_BYTES = 1024 * 1024
 TRANSFER_BLOCKS = 24  # 24 MiB each way
@@ -193,11 +195,12 @@ async def test_tls_origination_verifies_and_sends_sni(nursery: trio.Nursery, tmp
     assert upstream.server_names == ["localhost"]
 
 
-async def test_tls_wrong_name_fails_closes_and_counts(
-    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("cert", ["wrong_name", "untrusted"])
+async def test_tls_bad_certificate_fails_closes_and_counts(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture, cert: ServerCertKind
 ) -> None:
     tls = make_tls_material(tmp_path)
-    upstream = await start_tcp_upstream(nursery, echo, tls.server_context(cert="wrong_name"))
+    upstream = await start_tcp_upstream(nursery, echo, tls.server_context(cert=cert))
     breaker = BreakerConfig(failure_threshold=5, min_requests=0)
     config = tcp_config(
         [upstream.address("tls", host="localhost")],
@@ -219,6 +222,21 @@ async def test_tls_wrong_name_fails_closes_and_counts(
     assert relay.breaker.stats().failures == 1
     assert "TLS handshake with tls://localhost" in caplog.text
     assert "certificate" in caplog.text.lower()
+    assert upstream.connections == 1  # one attempt, and no plaintext fallback after it
+
+
+async def test_tls_min_version_is_enforced(nursery: trio.Nursery, tmp_path: Path) -> None:
+    tls = make_tls_material(tmp_path)
+    server = tls.server_context()
+    server.maximum_version = ssl.TLSVersion.TLSv1_2
+    upstream = await start_tcp_upstream(nursery, echo, server)
+    origination = TLSConfig(ca_file=str(tls.ca_file), min_version="1.3")
+    daemon = await start_daemon(
+        nursery, tcp_config([upstream.address("tls", host="localhost")], tls=origination)
+    )
+
+    assert await _refused(daemon.port)
+    assert daemon.app.relays[0].stats.connect_failures == 1
 
 
 async def test_mtls_presents_the_client_certificate(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -518,3 +536,43 @@ async def test_no_socket_or_pipe_leaks(nursery: trio.Nursery) -> None:
 
     assert _open_fds() == before
     assert sum(d.app.relays[0].stats.open_tunnels for d in daemons) == 0
+
+
+async def test_back_pressure_bounds_what_a_slow_reader_costs(nursery: trio.Nursery) -> None:
+    """A client that stops reading stops the upstream's writes (no buffering in the daemon
+    beyond one chunk per direction): the relay forwards only what the kernel buffers hold."""
+    sent = 0
+
+    async def flood(stream: trio.abc.Stream) -> None:
+        nonlocal sent
+        block = bytes(16 * 1024)  # small, so `sent` is close to what the kernel took
+        while True:
+            await stream.send_all(block)
+            sent += len(block)
+
+    upstream = await start_tcp_upstream(nursery, flood)
+    daemon = await start_daemon(nursery, tcp_config([upstream.address()]))
+    async with await RawConnection.connect(daemon.port):  # never reads
+        await trio.testing.wait_all_tasks_blocked(cushion=0.2)
+        stalled_at = daemon.app.relays[0].stats.bytes_to_client
+        await trio.testing.wait_all_tasks_blocked(cushion=0.2)
+
+        assert daemon.app.relays[0].stats.bytes_to_client == stalled_at  # nothing moves now
+        assert 0 < stalled_at <= sent
+        # What the upstream got rid of is bounded by socket buffers on the two legs (a few MiB
+        # with Linux autotuning), not by the flood: the daemon holds at most one chunk.
+        assert sent < 16 * BLOCK_BYTES
+
+
+async def test_tunnel_end_is_logged_with_reason_and_bytes(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="resilient_ambassador.relay")
+    upstream = await start_tcp_upstream(nursery, echo)
+    daemon = await start_daemon(nursery, tcp_config([upstream.address()]))
+
+    assert await _exchange(daemon.port, b"12345") == b"12345"
+    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+
+    assert "tunnel closed (done)" in caplog.text
+    assert "5 bytes to upstream, 5 to client" in caplog.text
