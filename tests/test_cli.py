@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from resilient_ambassador import __version__
-from resilient_ambassador.cli import build_parser, config_for_run
+from resilient_ambassador.cli import build_parser, config_for_run, main
 from resilient_ambassador.config_loader import ConfigError
 from resilient_ambassador.secrets import SecretResolver
 from tests.support.client import RawConnection, http_request
@@ -271,10 +271,10 @@ async def test_one_liner_tcp_relays_and_drains_on_sigterm(nursery: trio.Nursery,
     )
 
 
-def test_check_config_accepts_tcp_listeners() -> None:
-    result = _run("check-config", str(Path(__file__).parent.parent / "examples" / "tcp-relay.yaml"))
-    assert result.returncode == 0, result.stderr
-    assert "ok (2 listeners, 0 upstreams)" in result.stdout
+def test_check_config_accepts_tcp_listeners(capsys: pytest.CaptureFixture[str]) -> None:
+    example = Path(__file__).parent.parent / "examples" / "tcp-relay.yaml"
+    assert main(["check-config", str(example)]) == 0
+    assert "ok (2 listeners, 0 upstreams)" in capsys.readouterr().out
 
 
 def test_breaker_flags_apply_to_tcp_listeners() -> None:
@@ -295,6 +295,6 @@ def test_tcp_upstream_flag_with_a_config_file_is_a_usage_error(tmp_path: Path) -
     config.write_text(
         "listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: a}]}]\nupstreams: {a: {url: http://a}}\n"
     )
-    result = _run("run", "--config", str(config), "--upstream", "tcp://a:1")
-    assert result.returncode == 2
-    assert "--upstream tcp:// or tls:// is for one-liner mode" in result.stderr
+    args = build_parser().parse_args(["run", "--config", str(config), "--upstream", "tcp://a:1"])
+    with pytest.raises(ConfigError, match="--upstream tcp:// or tls:// is for one-liner mode"):
+        config_for_run(args, SecretResolver())

@@ -225,6 +225,34 @@ async def test_tls_bad_certificate_fails_closes_and_counts(
     assert upstream.connections == 1  # one attempt, and no plaintext fallback after it
 
 
+async def test_client_eof_is_not_passed_to_a_tls_upstream_but_its_answer_arrives(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """TLS cannot be half-closed: the client's EOF stops that direction only, and the tunnel
+    ends when the upstream closes after answering (docs: TCP relay behaviour)."""
+    tls = make_tls_material(tmp_path)
+    upstream_saw_eof: list[bool] = []
+
+    async def answer_then_close(stream: trio.abc.Stream) -> None:
+        got = b""
+        while len(got) < 5:
+            got += await stream.receive_some(100)
+        with trio.move_on_after(0.05):
+            upstream_saw_eof.append(await stream.receive_some(100) == b"")
+        await stream.send_all(b"answer to " + got)
+
+    upstream = await start_tcp_upstream(nursery, answer_then_close, tls.server_context())
+    daemon = await start_daemon(
+        nursery,
+        tcp_config([upstream.address("tls", host="localhost")], tls=TLSConfig(ca_file=str(tls.ca_file))),
+    )
+
+    assert await _exchange(daemon.port, b"hello") == b"answer to hello"
+    assert upstream_saw_eof == []  # the read timed out: no EOF reached it
+    await trio.testing.wait_all_tasks_blocked(cushion=0.01)
+    assert daemon.app.relays[0].stats.open_tunnels == 0
+
+
 async def test_tls_min_version_is_enforced(nursery: trio.Nursery, tmp_path: Path) -> None:
     tls = make_tls_material(tmp_path)
     server = tls.server_context()
