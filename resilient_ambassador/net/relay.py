@@ -160,7 +160,12 @@ class RelayServer:
                 return
             if not await self._take_slot():
                 self.stats.refused_limit += 1
-                self._warn("limit", "%d connections open, refusing", self.relay.max_connections)
+                self._warn(
+                    "limit",
+                    "%d connections open%s, refusing",
+                    self.relay.max_connections,
+                    f" for {self.relay.queue_timeout_s:g}s" if self.relay.on_limit == "queue" else "",
+                )
                 return
             try:
                 self.stats.open_tunnels += 1
