@@ -631,7 +631,14 @@ class _Builder:
                 client_context(tls)
             except (OSError, ssl.SSLError) as e:
                 raise tls_at.error(f"cannot load the TLS files: {e}") from None
-        return RelayConfig(upstreams=upstreams, tls=tls, **_read(found, _RELAY))
+        relay = RelayConfig(upstreams=upstreams, tls=tls, **_read(found, _RELAY))
+        if relay.breaker.shared != "none":
+            raise (
+                found["breaker"]
+                .key("shared", found["breaker"].line, found["breaker"].node)
+                .error("sharing is not supported for a tcp listener's breaker yet (use none)")
+            )
+        return relay
 
     def _route(self, at: _At, default_name: str) -> RouteConfig:
         found = at.fields(

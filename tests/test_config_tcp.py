@@ -286,6 +286,18 @@ ERRORS = {
         "connect_timeout, idle_timeout, max_connections, on_limit, queue_timeout, connection_rate, "
         "breaker, upstreams, tls)",
     ),
+    "shared relay breaker": (
+        """\
+        listeners:
+          - listen: 127.0.0.1:8000
+            protocol: tcp
+            relay:
+              upstreams: ["tcp://a:1"]
+              breaker: {shared: redis}
+        """,
+        "ambassador.yaml:6: listeners[0].relay.breaker.shared: sharing is not supported for a tcp "
+        "listener's breaker yet (use none)",
+    ),
     "tcp address as an http upstream url": (
         """\
         listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
