@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import final
@@ -25,6 +25,7 @@ from resilient_ambassador.core.retry import RetryBudget
 from resilient_ambassador.net.access_log import AccessLog
 from resilient_ambassador.net.admin import AdminServer, Readiness
 from resilient_ambassador.net.listen import open_listeners
+from resilient_ambassador.net.relay import RelayServer
 from resilient_ambassador.net.server import HttpServer, RouteRuntime
 from resilient_ambassador.net.upstream import ConnectionPool, UpstreamClient
 from resilient_ambassador.secrets import SecretResolver
@@ -93,9 +94,10 @@ class BoundListeners:
 
     data: list[list[trio.SocketListener]]
     admin: list[trio.SocketListener] = field(default_factory=list)
+    relay: list[list[trio.SocketListener]] = field(default_factory=list)  # one per tcp listener
 
     def close(self) -> None:
-        for listeners in (*self.data, self.admin):
+        for listeners in (*self.data, self.admin, *self.relay):
             for listener in listeners:
                 listener.socket.close()
 
@@ -150,7 +152,13 @@ class App:
         self._redis_buckets: dict[str, RedisBuckets] = {}
         self._memory_buckets = MemoryBuckets()
         self.servers: list[HttpServer] = [
-            HttpServer(listener, self._route_table(listener, config)) for listener in config.listeners
+            HttpServer(listener, self._route_table(listener, config))
+            for listener in config.listeners
+            if listener.protocol != "tcp"
+        ]
+        # protocol: tcp listeners (relays); a reload leaves them as they are.
+        self.relays: list[RelayServer] = [
+            RelayServer(listener) for listener in config.listeners if listener.protocol == "tcp"
         ]
         self.access_log = (
             AccessLog(config.access_log, self.secrets.secret_values) if config.access_log.enabled else None
@@ -387,6 +395,15 @@ class App:
                         reuse_port=self.worker is not None,
                     )
                 )
+            for relay in self.relays:
+                bound.relay.append(
+                    await open_listeners(
+                        relay.config.host,
+                        relay.config.port,
+                        backlog=LISTEN_BACKLOG,
+                        reuse_port=self.worker is not None,
+                    )
+                )
             if self.admin is not None:
                 admin = self.config.admin
                 # Workers share the admin port too: probes reach whichever worker the kernel
@@ -405,12 +422,15 @@ class App:
         *,
         task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve on the bound listeners (binding them if not given), report the addresses,
-        serve until `drain()`; then wait for in-flight requests up to the grace period."""
+        """Serve on the bound listeners (binding them if not given), report the addresses
+        (HTTP listeners' first, then tcp listeners'), serve until `drain()`; then wait for
+        in-flight requests and open tunnels up to the grace period."""
         if bound is None:
             bound = await self.bind()
         addresses: list[tuple[str, int]] = [
-            listener.socket.getsockname()[:2] for listeners in bound.data for listener in listeners
+            listener.socket.getsockname()[:2]
+            for listeners in (*bound.data, *bound.relay)
+            for listener in listeners
         ]
         self.admin_addresses = [listener.socket.getsockname()[:2] for listener in bound.admin]
         self._started_at = trio.current_time()
@@ -429,7 +449,7 @@ class App:
                 if self.admin is not None and bound.admin:
                     background.start_soon(trio.serve_listeners, self.admin.handle_connection, bound.admin)
                     log.info("admin listener on %s", ", ".join(_address(lst) for lst in bound.admin))
-                await self._serve_connections(bound.data, addresses, task_status)
+                await self._serve_connections(bound.data, addresses, task_status, bound.relay)
                 background.cancel_scope.cancel()
         finally:
             self._serving = False
@@ -450,6 +470,7 @@ class App:
         bound: list[list[trio.SocketListener]],
         addresses: list[tuple[str, int]],
         task_status: trio.TaskStatus[list[tuple[str, int]]],
+        relay_bound: Sequence[list[trio.SocketListener]] = (),
     ) -> None:
         with trio.CancelScope() as connections:
             self._connections = connections
@@ -458,6 +479,21 @@ class App:
                 self._accept_nursery, self._connection_nursery = accept_nursery, connection_nursery
                 for server, listeners in zip(self.servers, bound, strict=True):
                     self._start_accepting(server, listeners)
+                for relay, listeners in zip(self.relays, relay_bound, strict=True):
+                    accept_nursery.start_soon(
+                        partial(
+                            trio.serve_listeners,
+                            relay.handle_connection,
+                            listeners,
+                            handler_nursery=connection_nursery,
+                        )
+                    )
+                    log.info(
+                        "tcp listener %s on %s relaying to %s",
+                        relay.config.name,
+                        ", ".join(_address(listener) for listener in listeners),
+                        ", ".join(str(url) for url in relay.relay.upstreams),
+                    )
                 accept_nursery.start_soon(self._sweep_pools)
                 self._serving = True
                 task_status.started(addresses)
@@ -523,6 +559,16 @@ class App:
         if changed:
             log.warning("reload: %s changed; that takes effect at the next restart", ", ".join(changed))
             config = dataclasses.replace(config, **{key: getattr(self.config, key) for key in fixed})
+        # tcp listeners (relays) are not reloaded: keep the running ones as they are.
+        relays = {relay.config.name: relay.config for relay in self.relays}
+        wanted = {listener.name: listener for listener in config.listeners if listener.protocol == "tcp"}
+        if wanted != relays:
+            log.warning("reload: tcp listeners changed; that takes effect at the next restart")
+        config = dataclasses.replace(
+            config,
+            listeners=tuple(lst for lst in config.listeners if lst.protocol != "tcp")
+            + tuple(relays.values()),
+        )
         running = {server.config.name: server for server in self.servers}
         same_address = {
             listener.name
@@ -534,7 +580,7 @@ class App:
         fresh: list[tuple[ListenerConfig, list[trio.SocketListener]]] = []
         try:
             for listener in config.listeners:
-                if listener.name not in same_address:
+                if listener.protocol != "tcp" and listener.name not in same_address:
                     sockets = await open_listeners(
                         listener.host,
                         listener.port,
@@ -559,7 +605,7 @@ class App:
                 shared.register(stage)
         servers: list[HttpServer] = []
         for listener in config.listeners:
-            if listener.name in same_address:
+            if listener.protocol != "tcp" and listener.name in same_address:
                 server = running.pop(listener.name)
                 server.swap(listener, self._route_table(listener, config))
                 servers.append(server)
@@ -630,6 +676,13 @@ class App:
                     "skipped": redis.skipped,
                 },
             }
+        tcp_listeners: dict[str, Json] = {
+            relay.config.name: {
+                **asdict(relay.stats),
+                "breaker": dict(asdict(relay.breaker.stats())) if relay.breaker is not None else None,
+            }
+            for relay in self.relays
+        }
         return {
             "pid": os.getpid(),
             "worker": self.worker,
@@ -649,6 +702,7 @@ class App:
                 "dropped": self.access_log.dropped,
                 "write_errors": self.access_log.write_errors,
             },
+            "tcp_listeners": tcp_listeners,
         }
 
     def _rate_limit_stats(self) -> dict[str, Json]:

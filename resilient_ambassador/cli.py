@@ -55,7 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the daemon")
     run.add_argument("--config", metavar="FILE", help="YAML config file")
     run.add_argument("--listen", metavar="HOST:PORT", help=f"listen address (default {DEFAULT_LISTEN})")
-    run.add_argument("--upstream", metavar="URL", help="forward everything to this http(s):// URL")
+    run.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="forward everything to this http(s):// URL, or relay TCP to tcp://HOST:PORT "
+        "(tls://HOST:PORT: originate TLS for a plain-text app)",
+    )
     run.add_argument(
         "--header",
         action="append",
@@ -206,6 +211,9 @@ def _apply_policy_flags(config: Config, args: argparse.Namespace) -> Config:
             )
             for listener in listeners
         )
+    listeners = tuple(
+        _relay_breaker_flags(listener, args.breaker_failures, reset_s) for listener in listeners
+    )
     upstreams = dict(config.upstreams)
     for name, upstream in upstreams.items():
         breaker = upstream.breaker
@@ -265,6 +273,20 @@ def _apply_rate_limit_flags(
     )
 
 
+def _relay_breaker_flags(
+    listener: ListenerConfig, failures: int | None, reset_s: float | None
+) -> ListenerConfig:
+    """--breaker-failures/--breaker-reset on a tcp listener's connection breaker."""
+    if listener.relay is None or (failures is None and reset_s is None):
+        return listener
+    breaker = listener.relay.breaker
+    if failures is not None:
+        breaker = dataclasses.replace(breaker, enabled=failures > 0, failure_threshold=max(1, failures))
+    if reset_s is not None:
+        breaker = dataclasses.replace(breaker, reset_timeout_s=reset_s)
+    return dataclasses.replace(listener, relay=dataclasses.replace(listener.relay, breaker=breaker))
+
+
 def _override_file_config(config: Config, args: argparse.Namespace, resolver: SecretResolver) -> Config:
     """--listen, --upstream and --header laid over a config file with one listener/upstream."""
     if args.listen is not None:
@@ -276,6 +298,10 @@ def _override_file_config(config: Config, args: argparse.Namespace, resolver: Se
             raise ConfigError(f"--listen {args.listen!r}: {exc}") from None
         listener = dataclasses.replace(config.listeners[0], host=host, port=port)
         config = dataclasses.replace(config, listeners=(listener,))
+    if args.upstream is not None and args.upstream.startswith(("tcp://", "tls://")):
+        raise ConfigError(
+            "--upstream tcp:// or tls:// is for one-liner mode; with --config, set relay.upstreams"
+        )
     if args.upstream is not None or args.header:
         if len(config.upstreams) != 1:
             raise ConfigError("--upstream/--header can only override a config with exactly one upstream")

@@ -31,10 +31,12 @@ from resilient_ambassador.core.config import (
     Config,
     DrainConfig,
     ListenerConfig,
+    ListenerTLS,
     PoolConfig,
     QuotaConfig,
     RateLimitConfig,
     RedisConfig,
+    RelayConfig,
     RetryConfig,
     RouteConfig,
     TelemetryConfig,
@@ -47,7 +49,7 @@ from resilient_ambassador.core.headers import HOP_BY_HOP
 from resilient_ambassador.core.ratelimit import default_burst
 from resilient_ambassador.core.templates import Template, parse_template
 from resilient_ambassador.core.units import parse_duration, parse_rate, parse_size
-from resilient_ambassador.net.tls import client_context
+from resilient_ambassador.net.tls import client_context, server_context
 from resilient_ambassador.secrets import SecretError, SecretResolver
 
 _T = TypeVar("_T")
@@ -347,6 +349,16 @@ def parse_redis_url(text: str) -> str:
     return text
 
 
+_RELAY: _Schema = {
+    "balance": ("balance", lambda at: at.choice("ordered", "round_robin")),
+    "connect_timeout": ("connect_timeout_s", _At.duration),
+    "idle_timeout": ("idle_timeout_s", _At.duration),
+    "max_connections": ("max_connections", _At.count),
+    "on_limit": ("on_limit", lambda at: at.choice("refuse", "queue")),
+    "queue_timeout": ("queue_timeout_s", _At.duration),
+    "connection_rate": ("connection_rate", lambda at: at.parsed(parse_rate, "a rate like 100/s")),
+    "breaker": ("breaker", lambda at: BreakerConfig(**_section(at, _BREAKER))),
+}
 _MATCH: _Schema = {"prefix": ("prefix", _At.path_prefix), "host": ("host", _At.route_host)}
 _ROUTE: _Schema = {
     "rewrite_prefix": ("rewrite_prefix", _At.path_prefix),
@@ -470,7 +482,12 @@ def config_from_flags(
     with _reported(f"--listen {listen!r}:"):
         host, port = parse_listen_address(listen)
     with _reported("--upstream:"):  # the URL is not echoed: it may carry user:password@
-        url = parse_upstream_url(upstream)
+        url = parse_upstream_url(upstream, allow_tcp=True)
+    if url.scheme in ("tcp", "tls"):
+        if headers:
+            raise ConfigError("--header: a tcp:// or tls:// upstream relays bytes; there are no headers")
+        relay = RelayConfig(upstreams=(url,))
+        return Config(listeners=(ListenerConfig("main", host, port, "tcp", relay=relay),), upstreams={})
     injected: dict[str, tuple[str, Template]] = {}
     for flag in headers:
         name, colon, value = flag.partition(":")
@@ -522,16 +539,22 @@ def admin_clash(config: Config) -> ListenerConfig | None:
     return None
 
 
-def parse_upstream_url(text: str) -> UpstreamURL:
-    """An `http://` or `https://` URL; its path becomes the base path. Messages never echo
-    the URL: it may carry credentials."""
+def parse_upstream_url(text: str, *, allow_tcp: bool = False) -> UpstreamURL:
+    """An `http://` or `https://` URL; its path becomes the base path. With `allow_tcp` (the
+    one-liner), also a `tcp://` or `tls://` relay address. Messages never echo the URL: it may
+    carry credentials."""
     if _URL_FORBIDDEN_RE.search(text):
         raise ValueError("the URL contains whitespace or control characters")
     parts = urlsplit(text)
+    if allow_tcp and parts.scheme in ("tcp", "tls"):
+        return parse_relay_address(text)
     if not parts.netloc:
         raise ValueError("expected a URL like https://api.example.com/v1")
+    if parts.scheme in ("tcp", "tls") and not allow_tcp:
+        raise ValueError(f"{parts.scheme}:// addresses belong in a tcp listener's relay.upstreams")
     if parts.scheme not in ("http", "https"):
-        raise ValueError(f"unsupported scheme {parts.scheme}:// (expected http:// or https://)")
+        expected = "http://, https://, tcp:// or tls://" if allow_tcp else "http:// or https://"
+        raise ValueError(f"unsupported scheme {parts.scheme}:// (expected {expected})")
     if "@" in parts.netloc:
         raise ValueError("credentials in the URL (user:password@) are not supported; use headers")
     if "?" in text:
@@ -547,6 +570,28 @@ def parse_upstream_url(text: str) -> UpstreamURL:
     if port is None:
         port = 443 if scheme == "https" else 80
     return UpstreamURL(scheme, host.lower(), port, parts.path.rstrip("/"))
+
+
+def parse_relay_address(text: str) -> UpstreamURL:
+    """`tcp://host:port` or `tls://host[:port]` (443 by default): a relay upstream address."""
+    if _URL_FORBIDDEN_RE.search(text):
+        raise ValueError("the address contains whitespace or control characters")
+    parts = urlsplit(text)
+    if parts.scheme not in ("tcp", "tls") or not parts.netloc:
+        raise ValueError("expected an address like tcp://db.example.com:5432 or tls://api.example.com:443")
+    if "@" in parts.netloc:
+        raise ValueError("credentials in the address (user:password@) are not supported")
+    if parts.path or "?" in text or "#" in text:
+        raise ValueError("a tcp:// or tls:// address is HOST:PORT only (no path, query or fragment)")
+    host, port = _split_host_port(parts.netloc, "invalid host or port in the address")
+    if port is None and parts.scheme == "tls":
+        port = 443
+    if port is None:
+        raise ValueError("a tcp:// address needs a port, like tcp://db.example.com:5432")
+    if port == 0:
+        raise ValueError("port must be 1..65535")
+    scheme: Literal["tcp", "tls"] = "tls" if parts.scheme == "tls" else "tcp"
+    return UpstreamURL(scheme, host.lower(), port)
 
 
 @final
@@ -565,18 +610,24 @@ class _Builder:
     def config(self, root: _At) -> Config:
         found = root.fields(
             ("listeners", "upstreams", "drain", "redis", "admin", "access_log", "workers", "telemetry"),
-            ("listeners", "upstreams"),
+            ("listeners",),
         )
         redis = RedisConfig(**_section(found.get("redis"), _REDIS))
+        # A config of tcp listeners only needs no upstreams section (relays name their addresses).
+        upstreams_at = found.get("upstreams")
+        if upstreams_at is None:
+            if not all(_is_tcp_listener(item) for item in found["listeners"].items()):
+                raise root.key("upstreams", root.line, root.node).error("missing required key")
+            upstreams_at = _At(root.source, root.line, "upstreams", yaml.MappingNode("", []))
         # Upstreams first, so routes can be checked against them.
-        for name, at in found["upstreams"].entries():
+        for name, at in upstreams_at.entries():
             if not _NAME_RE.fullmatch(name):
                 raise at.error(f"an upstream name is made of {_NAME_RULE}")
             self._upstreams[name] = self._upstream(name, at)
         listeners = tuple(self._listener(at, i) for i, at in enumerate(found["listeners"].items()))
         drain = DrainConfig(**_section(found.get("drain"), _DRAIN))
         if redis.url is None:
-            for name, at in found["upstreams"].entries():
+            for name, at in upstreams_at.entries():
                 if self._upstreams[name].breaker.shared == "redis":
                     raise at.error("breaker.shared is redis but the config has no redis.url")
                 if self._upstreams[name].quota.shared == "redis":
@@ -617,7 +668,7 @@ class _Builder:
         return admin
 
     def _listener(self, at: _At, index: int) -> ListenerConfig:
-        found = at.fields(("name", "listen", "protocol", "limits", "routes"), ("listen", "routes"))
+        found = at.fields(("name", "listen", "protocol", "limits", "routes", "relay", "tls"), ("listen",))
         name = _claim(self._listener_names, found.get("name"), at, f"listener-{index}")
         listen = found["listen"]
         host, port = listen.parsed(parse_listen_address, "HOST:PORT")
@@ -626,13 +677,62 @@ class _Builder:
         if port and first is not listen:
             raise listen.error(f"address already used by {first.path} (line {first.line})")
         protocol = found.get("protocol")
-        if protocol is not None and (value := protocol.text()) != "http":
-            raise protocol.error("tcp is not supported yet" if value == "tcp" else "expected http")
+        if protocol is not None and protocol.choice("http", "tcp") == "tcp":
+            return self._tcp_listener(at, found, name, host, port)
+        for key in ("relay", "tls"):
+            if key in found:
+                raise found[key].error("only for protocol: tcp listeners")
+        if "routes" not in found:
+            raise at.key("routes", at.line, at.node).error("missing required key")
         routes = tuple(
             self._route(route, f"{name}-route-{i}") for i, route in enumerate(found["routes"].items())
         )
         limits = ClientLimits(**_section(found.get("limits"), _LIMITS))
         return ListenerConfig(name, host, port, "http", routes, limits)
+
+    def _tcp_listener(
+        self, at: _At, found: dict[str, _At], name: str, host: str, port: int
+    ) -> ListenerConfig:
+        for key in ("routes", "limits"):
+            if key in found:
+                raise found[key].error("not for a tcp listener (it has a relay section)")
+        if "relay" not in found:
+            raise at.key("relay", at.line, at.node).error("missing required key (a tcp listener relays)")
+        tls: ListenerTLS | None = None
+        if (tls_at := found.get("tls")) is not None:
+            files = tls_at.fields(("cert_file", "key_file"), ("cert_file", "key_file"))
+            tls = ListenerTLS(files["cert_file"].text(), files["key_file"].text())
+            try:  # load now, so check-config catches a bad file
+                server_context(tls)
+            except (OSError, ssl.SSLError) as e:
+                raise tls_at.error(f"cannot load the TLS files: {e}") from None
+        return ListenerConfig(name, host, port, "tcp", relay=self._relay(found["relay"]), tls=tls)
+
+    def _relay(self, at: _At) -> RelayConfig:
+        found = at.fields((*_RELAY, "upstreams", "tls"), ("upstreams",))
+        upstreams = tuple(
+            item.parsed(parse_relay_address, "an address like tls://api.example.com:443")
+            for item in found["upstreams"].items()
+        )
+        tls_at = found.get("tls")
+        if tls_at is not None and not any(url.scheme == "tls" for url in upstreams):
+            raise tls_at.error("tls is set but no upstream address is tls://")
+        tls = TLSConfig(**_section(tls_at, _TLS))
+        if tls_at is not None and (tls.cert_file is None) != (tls.key_file is None):
+            raise tls_at.error("cert_file and key_file must be set together")
+        if tls_at is not None:
+            try:  # load the CA and client certificate now, so check-config catches a bad file
+                client_context(tls)
+            except (OSError, ssl.SSLError) as e:
+                raise tls_at.error(f"cannot load the TLS files: {e}") from None
+        relay = RelayConfig(upstreams=upstreams, tls=tls, **_read(found, _RELAY))
+        if relay.breaker.shared != "none":
+            raise (
+                found["breaker"]
+                .key("shared", found["breaker"].line, found["breaker"].node)
+                .error("sharing is not supported for a tcp listener's breaker yet (use none)")
+            )
+        return relay
 
     def _route(self, at: _At, default_name: str) -> RouteConfig:
         found = at.fields(
@@ -717,6 +817,16 @@ class _Builder:
         text = at.text()
         with _reported(at.where):
             return _checked_template(text, self._resolver)
+
+
+def _is_tcp_listener(at: _At) -> bool:
+    """Whether a listener item says `protocol: tcp` (read before the listeners are built)."""
+    if not isinstance(at.node, yaml.MappingNode):
+        return False
+    return any(
+        isinstance(k, yaml.ScalarNode) and k.value == "protocol" and getattr(v, "value", None) == "tcp"
+        for k, v in at.node.value
+    )
 
 
 def _claim(names: dict[str, _At], name_at: _At | None, item: _At, default: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -14,10 +15,12 @@ import pytest
 import trio
 
 from resilient_ambassador import __version__
-from resilient_ambassador.cli import build_parser, config_for_run
+from resilient_ambassador.cli import build_parser, config_for_run, main
 from resilient_ambassador.config_loader import ConfigError
 from resilient_ambassador.secrets import SecretResolver
-from tests.support.client import http_request
+from tests.support.client import RawConnection, http_request
+from tests.support.tcp import echo as tcp_echo
+from tests.support.tcp import start_tcp_upstream
 from tests.support.upstream import echo, parse_echo, start_fake_upstream
 
 CANARY = "canary-credential-5d1e0b"
@@ -267,4 +270,75 @@ def test_rate_limit_flags_limit_every_route() -> None:
 def test_bad_rate_limit_flags_are_usage_errors(flags: list[str], message: str) -> None:
     args = build_parser().parse_args(["run", "--upstream", "http://127.0.0.1:9", *flags])
     with pytest.raises(ConfigError, match=re.escape(message)):
+        config_for_run(args, SecretResolver())
+
+
+async def test_one_liner_tcp_relays_and_drains_on_sigterm(nursery: trio.Nursery, tmp_path: Path) -> None:
+    upstream = await start_tcp_upstream(nursery, tcp_echo)
+    port, admin_port = _free_port(), _free_port()
+    stderr_path = tmp_path / "stderr.log"
+    with stderr_path.open("wb") as stderr:
+        process = await trio.lowlevel.open_process(
+            [
+                *CLI,
+                "run",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--admin",
+                f"127.0.0.1:{admin_port}",
+                "--upstream",
+                upstream.address(),
+            ],
+            stderr=stderr,
+        )
+        try:
+            await _wait_listening(port, process)
+            async with await RawConnection.connect(port) as conn:
+                await conn.send(b"relayed by the CLI")
+                await conn.half_close()
+                read = await conn.receive_until_closed()
+            stats = await http_request(admin_port, "GET", "/stats")
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):
+                returncode = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+    assert (read.data, read.ending) == (b"relayed by the CLI", "eof")
+    # _wait_listening's probe connection made a (silent) tunnel too.
+    assert json.loads(stats.body)["tcp_listeners"]["main"]["bytes_to_client"] == len(read.data)
+    assert returncode == 0
+    assert (
+        f"tcp listener main on 127.0.0.1:{port} relaying to {upstream.address()}" in stderr_path.read_text()
+    )
+
+
+def test_check_config_accepts_tcp_listeners(capsys: pytest.CaptureFixture[str]) -> None:
+    example = Path(__file__).parent.parent / "examples" / "tcp-relay.yaml"
+    assert main(["check-config", str(example)]) == 0
+    assert "ok (2 listeners, 0 upstreams)" in capsys.readouterr().out
+
+
+def test_breaker_flags_apply_to_tcp_listeners() -> None:
+    args = build_parser().parse_args(
+        ["run", "--upstream", "tls://api.example.com", "--breaker-failures", "2", "--breaker-reset", "3s"]
+    )
+    relay = config_for_run(args, SecretResolver()).listeners[0].relay
+    assert relay is not None
+    assert (relay.breaker.enabled, relay.breaker.failure_threshold, relay.breaker.reset_timeout_s) == (
+        True,
+        2,
+        3.0,
+    )
+
+
+def test_tcp_upstream_flag_with_a_config_file_is_a_usage_error(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: a}]}]\nupstreams: {a: {url: http://a}}\n"
+    )
+    args = build_parser().parse_args(["run", "--config", str(config), "--upstream", "tcp://a:1"])
+    with pytest.raises(ConfigError, match="--upstream tcp:// or tls:// is for one-liner mode"):
         config_for_run(args, SecretResolver())

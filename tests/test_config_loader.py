@@ -425,7 +425,7 @@ ERRORS = {
         """,
         "ambassador.yaml:1: listeners[0].listen: port must be at most 65535",
     ),
-    "tcp listener": (
+    "tcp listener with routes": (
         """\
         listeners:
           - listen: 127.0.0.1:8000
@@ -433,7 +433,7 @@ ERRORS = {
             routes: [{upstream: api}]
         upstreams: {api: {url: "http://127.0.0.1:9000"}}
         """,
-        "ambassador.yaml:3: listeners[0].protocol: tcp is not supported yet",
+        "ambassador.yaml:4: listeners[0].routes: not for a tcp listener (it has a relay section)",
     ),
     "unknown protocol": (
         """\
@@ -443,7 +443,7 @@ ERRORS = {
             routes: [{upstream: api}]
         upstreams: {api: {url: "http://127.0.0.1:9000"}}
         """,
-        "ambassador.yaml:3: listeners[0].protocol: expected http",
+        "ambassador.yaml:3: listeners[0].protocol: expected one of: http, tcp",
     ),
     "reserved key on a route": (
         """\
@@ -548,7 +548,7 @@ ERRORS = {
         upstreams: {api: {url: "http://127.0.0.1:9000"}}
         """,
         "ambassador.yaml:3: listeners[0].cache: unknown key "
-        "(expected one of: name, listen, protocol, limits, routes)",
+        "(expected one of: name, listen, protocol, limits, routes, relay, tls)",
     ),
     "prefix without slash": (
         """\
@@ -953,9 +953,27 @@ def test_config_from_flags() -> None:
         ),
         (
             "127.0.0.1:8000",
-            "tcp://a:5432",
+            "ftp://a:5432",
             [],
-            "--upstream: unsupported scheme tcp:// (expected http:// or https://)",
+            "--upstream: unsupported scheme ftp:// (expected http://, https://, tcp:// or tls://)",
+        ),
+        (
+            "127.0.0.1:8000",
+            "tcp://a",
+            [],
+            "--upstream: a tcp:// address needs a port, like tcp://db.example.com:5432",
+        ),
+        (
+            "127.0.0.1:8000",
+            "tls://a:443/path",
+            [],
+            "--upstream: a tcp:// or tls:// address is HOST:PORT only (no path, query or fragment)",
+        ),
+        (
+            "127.0.0.1:8000",
+            "tcp://a:5432",
+            ["X-Key: 1"],
+            "--header: a tcp:// or tls:// upstream relays bytes; there are no headers",
         ),
         (
             "127.0.0.1:8000",

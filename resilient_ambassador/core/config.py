@@ -252,6 +252,40 @@ class ClientLimits:
 
 @final
 @dataclass(frozen=True, slots=True)
+class ListenerTLS:
+    """TLS terminated on a tcp listener (a local TLS terminator in front of the relay)."""
+
+    cert_file: str
+    key_file: str
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """A tcp listener's relay: where its connections go and how they are protected (see
+    docs/configuration.md, TCP listeners)."""
+
+    upstreams: tuple[UpstreamURL, ...]  # tcp:// or tls:// addresses
+    # "ordered": the first that connects wins (failover); "round_robin": start at the next one.
+    balance: Literal["ordered", "round_robin"] = "ordered"
+    connect_timeout_s: float = 3.5  # per address, TLS handshake included (see UpstreamTimeouts)
+    # No byte either way for this long closes the tunnel (Envoy's tcp_proxy idle_timeout is 1 h).
+    idle_timeout_s: float = 3600.0
+    tls: TLSConfig = field(default_factory=TLSConfig)  # origination, for tls:// addresses
+    max_connections: int = 1000
+    # At max_connections: "refuse" closes the new connection at once, "queue" holds it (unread)
+    # up to queue_timeout_s for a slot.
+    on_limit: Literal["refuse", "queue"] = "refuse"
+    queue_timeout_s: float = 5.0
+    # New connections per period as (count, per_s), e.g. 100/s; the bucket holds `count`
+    # tokens so a burst of that size passes. None: no limit.
+    connection_rate: tuple[float, float] | None = None
+    # Counts connect and handshake failures (all addresses failed); open: refuse at once.
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class ListenerConfig:
     name: str
     host: str
@@ -259,6 +293,8 @@ class ListenerConfig:
     protocol: Literal["http", "tcp"] = "http"
     routes: tuple[RouteConfig, ...] = ()
     limits: ClientLimits = field(default_factory=ClientLimits)
+    relay: RelayConfig | None = None  # set exactly when protocol is "tcp"
+    tls: ListenerTLS | None = None  # tcp listeners only; None: plain TCP
 
 
 @final

@@ -47,7 +47,9 @@ class AccessLog:
         self._owns_fd = False
         self._pending: list[str] = []
         self._pending_bytes = 0
-        self._wake = trio.Event()
+        # An idle daemon has no timer running here: the loop sleeps until a line arrives.
+        self._has_lines = trio.Event()
+        self._full = trio.Event()
         self._throttle = LogThrottle()
         self._write_lock = threading.Lock()
         self.lines = 0
@@ -59,11 +61,13 @@ class AccessLog:
         if self._pending_bytes >= MAX_PENDING_BYTES:
             self.dropped += 1
             return
+        if not self._pending:
+            self._has_lines.set()
         self._pending.append(line)
         self._pending_bytes += len(line) + 1
         self.lines += 1
         if self._pending_bytes >= FLUSH_BYTES:
-            self._wake.set()
+            self._full.set()
 
     def open(self) -> None:
         """Open the output (a file path is opened for appending, like nginx's access_log)."""
@@ -80,9 +84,10 @@ class AccessLog:
         self.open()
         task_status.started()
         while True:
+            await self._has_lines.wait()
             with trio.move_on_after(FLUSH_INTERVAL_S):
-                await self._wake.wait()
-            self._wake = trio.Event()
+                await self._full.wait()
+            self._has_lines, self._full = trio.Event(), trio.Event()
             await self.flush()
 
     async def flush(self) -> None:

@@ -114,10 +114,12 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
         "pid",
         "worker",
         "rate_limits",
+        "tcp_listeners",
     }
     assert (before["ready"], before["draining"], before["shared_breaker"]) == (True, False, None)
     assert (before["pid"], before["worker"]) == (os.getpid(), None)
     assert set(before["access_log"]) == {"lines", "dropped", "write_errors"}
+    assert before["tcp_listeners"] == {}
     assert before["uptime_s"] >= 0
     assert before["listeners"]["main"] == {
         "open_connections": 0,
