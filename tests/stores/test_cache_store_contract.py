@@ -85,7 +85,7 @@ async def test_put_then_get_round_trips(make_store: StoreFactory) -> None:
 async def test_entries_outlive_freshness_by_the_stale_window_only(make_store: StoreFactory) -> None:
     clock = Clock()
     store = make_store(clock)
-    store.put(make_entry("k1", lifetime_s=0.2, sie_s=0.2))
+    store.put(make_entry("k1", lifetime_s=0.2, sie_s=0.2, headers=((b"content-type", b"text/plain"),)))
     await store.flush()
     clock.now += 0.3
     assert await store.get("k1") is not None  # stale, but kept for stale-if-error
