@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from typing import final
@@ -21,7 +21,11 @@ from resilient_ambassador.net.server import HttpServer, RouteRuntime
 from resilient_ambassador.net.upstream import ConnectionPool, UpstreamClient
 from resilient_ambassador.secrets import SecretResolver
 from resilient_ambassador.stages.breaker import BreakerStage, maybe_breaker
+from resilient_ambassador.stages.cache import CacheStage, CacheStats
 from resilient_ambassador.stages.retry import RetryStage
+from resilient_ambassador.stores.cache_memory import CacheStore, MemoryCacheStore
+from resilient_ambassador.stores.cache_redis import RedisCacheStore
+from resilient_ambassador.stores.errors import StoreUnavailable
 from resilient_ambassador.stores.redis_client import RedisRunner
 from resilient_ambassador.stores.shared_breaker import SharedBreakerSync
 
@@ -36,7 +40,9 @@ def upstream_host(config: UpstreamConfig) -> bytes:
     return (config.host_header or config.url.authority).encode()
 
 
-def build_pipeline(route: RouteConfig, upstream: Handler) -> Handler:
+def build_pipeline(
+    route: RouteConfig, upstream: Handler, *, cache: Callable[[Handler], Handler] | None = None
+) -> Handler:
     """A route's chain of stages, outermost first: retry -> breaker -> upstream client.
 
     `upstream` is the upstream's shared breaker (or its client when the breaker is off): one
@@ -55,6 +61,8 @@ def build_pipeline(route: RouteConfig, upstream: Handler) -> Handler:
             budget=RetryBudget.from_config(route.retry),
             upstream=route.upstream,
         )
+    if cache is not None:
+        handler = cache(handler)  # outermost: a hit spends no retry budget and no quota
     return handler
 
 
@@ -107,19 +115,32 @@ class App:
             self.breaker_sync = SharedBreakerSync(self.redis, key_prefix=config.redis.key_prefix)
             for stage in shared:
                 self.breaker_sync.register(stage)
+        # The response cache: one store for every route that turns it on (docs/resilience.md).
+        self.cache_stats = CacheStats()
+        self.cache_stages: list[CacheStage] = []
+        self.cache_store: CacheStore | None = None
+        if any(route.cache.enabled for listener in config.listeners for route in listener.routes):
+            self.cache_store = self._make_cache_store()
         self.servers: list[HttpServer] = []
         for listener in config.listeners:
             routes = {
                 id(route): RouteRuntime(
                     config=route,
-                    handler=build_pipeline(route, self.breakers[self.breaker_name(route)]),
+                    handler=build_pipeline(
+                        route, self.breakers[self.breaker_name(route)], cache=self._cache_for(route)
+                    ),
                     upstream_host=upstream_host(config.upstreams[route.upstream]),
                 )
                 for route in listener.routes
             }
             self.servers.append(HttpServer(listener, routes))
         self.admin = (
-            AdminServer(readiness=self.readiness, stats=self.stats, config=self.config_document)
+            AdminServer(
+                readiness=self.readiness,
+                stats=self.stats,
+                config=self.config_document,
+                purge=self.purge_cache if self.cache_store is not None else None,
+            )
             if config.admin.enabled
             else None
         )
@@ -129,6 +150,50 @@ class App:
         self._serving = False
         self._started_at: float | None = None
         self.draining = False
+
+    def _make_cache_store(self) -> CacheStore:
+        cache = self.config.cache
+        if cache.backend == "redis" and self.redis is not None:
+            return RedisCacheStore(
+                self.redis,
+                key_prefix=self.config.redis.key_prefix,
+                near_cache_bytes=cache.near_cache_bytes,
+                near_ttl_s=cache.near_cache_ttl_s,
+            )
+        return MemoryCacheStore(cache.max_bytes)
+
+    def _cache_for(self, route: RouteConfig) -> Callable[[Handler], Handler] | None:
+        store = self.cache_store
+        if store is None or not route.cache.enabled:
+            return None
+        client = self.clients[route.upstream]
+
+        def wrap(inner: Handler) -> Handler:
+            stage = CacheStage(
+                inner,
+                route.cache,
+                store,
+                route=route.name,
+                authority=upstream_host(self.config.upstreams[route.upstream]),
+                partition=client.credential_fingerprint,
+                stats=self.cache_stats,
+            )
+            self.cache_stages.append(stage)
+            return stage
+
+        return wrap
+
+    async def purge_cache(self, target: bytes, prefix: bool) -> tuple[int, dict[str, Json]]:
+        """Admin purge of one target (path and query, as forwarded) or every target under a
+        prefix; the status and document the admin listener answers with."""
+        if self.cache_store is None:
+            return 404, {"error": "cache_off", "message": "no route has the cache on"}
+        try:
+            purged = await self.cache_store.purge(target, prefix=prefix)
+        except StoreUnavailable as exc:
+            return 503, {"error": "store_unavailable", "message": str(exc)}
+        log.info("cache purge (%s): %d entries", "prefix" if prefix else "url", purged)
+        return 200, {"purged": purged}
 
     @staticmethod
     def breaker_name(route: RouteConfig) -> str:
@@ -175,6 +240,10 @@ class App:
             async with trio.open_nursery() as background:
                 if self.breaker_sync is not None:
                     await background.start(self.breaker_sync.run)
+                if self.cache_store is not None:
+                    await background.start(self.cache_store.run)
+                for stage in self.cache_stages:
+                    await background.start(stage.run)
                 if self.admin is not None and bound.admin:
                     background.start_soon(trio.serve_listeners, self.admin.handle_connection, bound.admin)
                     log.info("admin listener on %s", ", ".join(_address(lst) for lst in bound.admin))
@@ -273,7 +342,16 @@ class App:
             "upstreams": upstreams,
             "breakers": breakers,
             "shared_breaker": shared,
+            "cache": self._cache_stats(),
         }
+
+    def _cache_stats(self) -> Json:
+        if self.cache_store is None:
+            return None
+        doc: dict[str, Json] = dict(asdict(self.cache_stats))
+        doc["backend"] = "redis" if isinstance(self.cache_store, RedisCacheStore) else "memory"
+        doc["store"] = dict(asdict(self.cache_store.stats))
+        return doc
 
     def drain(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, close idle

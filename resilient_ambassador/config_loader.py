@@ -26,6 +26,7 @@ from resilient_ambassador.core.config import (
     FAILURE_ERROR_KINDS,
     AdminConfig,
     BreakerConfig,
+    CacheStoreConfig,
     ClientLimits,
     Config,
     DrainConfig,
@@ -33,6 +34,7 @@ from resilient_ambassador.core.config import (
     PoolConfig,
     RedisConfig,
     RetryConfig,
+    RouteCacheConfig,
     RouteConfig,
     TLSConfig,
     UpstreamConfig,
@@ -127,7 +129,7 @@ class _At:
         """A mapping with a fixed set of keys; `policies` marks where `_RESERVED` keys belong."""
         found = dict(self.entries())
         for key, at in found.items():
-            if policies and key in _RESERVED:
+            if policies and key in _RESERVED and key not in allowed:
                 raise at.error(f"{key} is not implemented in this version yet")
             if key not in allowed:
                 raise at.error(f"unknown key (expected one of: {', '.join(allowed)})")
@@ -208,6 +210,16 @@ class _At:
                 raise item.error("expected an upper-case method such as GET")
             out.add(method)
         return frozenset(out)
+
+    def header_names(self) -> tuple[str, ...]:
+        """A list of header field names, lower-cased, duplicates refused."""
+        out: list[str] = []
+        for item in self.items():
+            name = item.header_name()
+            if name in out:
+                raise item.error(f"{name} is listed twice")
+            out.append(name)
+        return tuple(out)
 
     def header_name(self) -> str:
         name = self.text()
@@ -307,6 +319,32 @@ _REDIS: _Schema = {
     "key_prefix": ("key_prefix", _At.text),
 }
 
+_ROUTE_CACHE: _Schema = {
+    "enabled": ("enabled", _At.boolean),
+    "default_ttl": ("default_ttl_s", _At.duration),
+    "max_ttl": ("max_ttl_s", _At.duration),
+    "key_headers": ("key_headers", _At.header_names),
+    "partition_by_credential": ("partition_by_credential", _At.boolean),
+    "stale_while_revalidate": ("stale_while_revalidate_s", _At.duration),
+    "stale_if_error": ("stale_if_error_s", _At.duration),
+    "heuristic": ("heuristic", _At.boolean),
+    "store_set_cookie": ("store_set_cookie", _At.boolean),
+    "max_object_size": ("max_object_bytes", _At.size),
+    "coalesce_wait": ("coalesce_wait_s", _At.duration),
+}
+_CACHE_STORE: _Schema = {
+    "backend": ("backend", lambda at: at.choice("memory", "redis")),
+    "max_size": ("max_bytes", _At.size),
+    "near_cache_size": ("near_cache_bytes", _At.size),
+    "near_cache_ttl": ("near_cache_ttl_s", _At.duration),
+}
+
+
+def _route_cache(at: _At) -> RouteCacheConfig:
+    """A route's `cache` block; writing the block turns the cache on unless it says
+    `enabled: false`."""
+    return RouteCacheConfig(**{"enabled": True, **_section(at, _ROUTE_CACHE)})
+
 
 def parse_redis_url(text: str) -> str:
     """redis://, rediss:// or unix://; the URL is never echoed (it may hold a password)."""
@@ -323,6 +361,7 @@ _ROUTE: _Schema = {
     "deadline_header": ("deadline_header", _At.header_name),
     "retry": ("retry", lambda at: _retry(at)),
     "breaker": ("breaker", lambda at: BreakerConfig(**_section(at, _BREAKER))),
+    "cache": ("cache", _route_cache),
 }
 _UPSTREAM: _Schema = {
     "host_header": ("host_header", _At.authority),
@@ -481,8 +520,14 @@ class _Builder:
         self._route_names: dict[str, _At] = {}
 
     def config(self, root: _At) -> Config:
-        found = root.fields(("listeners", "upstreams", "drain", "redis", "admin"), ("listeners", "upstreams"))
+        found = root.fields(
+            ("listeners", "upstreams", "drain", "redis", "admin", "cache"), ("listeners", "upstreams")
+        )
         redis = RedisConfig(**_section(found.get("redis"), _REDIS))
+        cache = CacheStoreConfig(**_section(found.get("cache"), _CACHE_STORE))
+        if cache.backend == "redis" and redis.url is None:
+            backend = found["cache"].fields(tuple(_CACHE_STORE))["backend"]
+            raise backend.error("the cache backend is redis but the config has no redis.url")
         # Upstreams first, so routes can be checked against them.
         for name, at in found["upstreams"].entries():
             if not _NAME_RE.fullmatch(name):
@@ -495,7 +540,7 @@ class _Builder:
                 if self._upstreams[name].breaker.shared == "redis":
                     raise at.error("breaker.shared is redis but the config has no redis.url")
         admin = self._admin(found.get("admin"))
-        return Config(listeners, self._upstreams, drain, root.source, redis, admin)
+        return Config(listeners, self._upstreams, drain, root.source, redis, admin, cache)
 
     def _admin(self, at: _At | None) -> AdminConfig:
         """`admin: {listen: HOST:PORT, enabled: false}`; refused on a data listener's address."""
@@ -552,6 +597,7 @@ class _Builder:
                 "deadline_header",
                 "retry",
                 "breaker",
+                "cache",
             ),
             ("upstream",),
             policies=True,

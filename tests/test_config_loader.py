@@ -249,7 +249,8 @@ ERRORS = {
         upstreams: {api: {url: "http://127.0.0.1:9000"}}
         stats: {listen: 127.0.0.1:9902}
         """,
-        "ambassador.yaml:3: stats: unknown key (expected one of: listeners, upstreams, drain, redis, admin)",
+        "ambassador.yaml:3: stats: unknown key "
+        "(expected one of: listeners, upstreams, drain, redis, admin, cache)",
     ),
     "listeners not a list": (
         """\
@@ -434,7 +435,7 @@ ERRORS = {
         """,
         "ambassador.yaml:3: listeners[0].protocol: expected http",
     ),
-    "reserved key on a route": (
+    "unknown cache key on a route": (
         """\
         listeners:
           - listen: 127.0.0.1:8000
@@ -443,7 +444,9 @@ ERRORS = {
                 cache: {ttl: 3s}
         upstreams: {api: {url: "http://127.0.0.1:9000"}}
         """,
-        "ambassador.yaml:5: listeners[0].routes[0].cache: cache is not implemented in this version yet",
+        "ambassador.yaml:5: listeners[0].routes[0].cache.ttl: unknown key (expected one of: enabled, "
+        "default_ttl, max_ttl, key_headers, partition_by_credential, stale_while_revalidate, "
+        "stale_if_error, heuristic, store_set_cookie, max_object_size, coalesce_wait)",
     ),
     "unknown retry key": (
         """\

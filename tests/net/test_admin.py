@@ -108,8 +108,10 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
         "upstreams",
         "breakers",
         "shared_breaker",
+        "cache",
     }
     assert (before["ready"], before["draining"], before["shared_breaker"]) == (True, False, None)
+    assert before["cache"] is None  # no route has the cache on
     assert before["uptime_s"] >= 0
     assert before["listeners"]["main"] == {
         "open_connections": 0,
