@@ -221,13 +221,17 @@ class CacheStage:
         return entry if entry is not None and self._usable_for(entry, request) else None
 
     async def _wait_for_peer(self, request: Request, key: str) -> CachedEntry | None:
-        """Another pod holds the lease: poll the store for its entry, within the bound."""
+        """Another pod holds the lease: poll the store for its entry, within the bound. None
+        (go upstream) once the bound passes or the lease comes free without an entry, in
+        which case this pod now holds the lease."""
         with trio.move_on_after(self._config.coalesce_wait_s):
             while True:
                 await trio.sleep(PEER_POLL_S)
                 entry = await self._store.get(key)
                 if entry is not None and self._usable_for(entry, request):
                     return entry
+                if await self._store.lease(key, self._config.coalesce_wait_s):
+                    return None
         return None
 
     def _collapsed(self, request: Request, entry: CachedEntry) -> Response:
@@ -241,6 +245,7 @@ class CacheStage:
     def _finish(self, key: str, flight: _Flight | None, entry: CachedEntry | None) -> None:
         if flight is None or flight.done.is_set():
             return
+        self._store.release_lease(key)
         flight.entry = entry
         flight.done.set()
         if self._flights.get(key) is flight:

@@ -48,6 +48,14 @@ FORMAT_VERSION = 1
 
 _Op = tuple[str, Any]
 
+# Release a lease only if it is still ours (it may have expired and been taken by another pod).
+_CAS_DELETE_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 
 def encode_entry(entry: CachedEntry) -> bytes:
     """The stored form: a JSON head (header bytes as latin-1, lossless) and the raw body."""
@@ -125,6 +133,7 @@ class RedisCacheStore:
         self._near_ttl_s = near_ttl_s
         self._clock = clock
         self._send, self._receive = trio.open_memory_channel[_Op](WRITE_QUEUE)
+        self._leases: dict[str, str] = {}  # key -> our token, while we hold its lease
         self._applying = trio.Lock()  # one write at a time; flush() waits for the current one
 
     def _key(self, key: str) -> bytes:
@@ -193,6 +202,8 @@ class RedisCacheStore:
             kind, arg = op
             if kind == "put":
                 await self._write(arg)
+            elif kind == "unlease":
+                await self._unlease(*arg)
             else:
                 await self._invalidate(arg)
         except StoreUnavailable as exc:
@@ -267,7 +278,7 @@ class RedisCacheStore:
 
     async def lease(self, key: str, ttl_s: float) -> bool:
         """True when this pod should fetch `key` (it got the lease, or Redis cannot say)."""
-        lease_key = self._prefix + b"l:" + key.encode()
+        lease_key = self._lease_key(key)
         token = secrets.token_hex(8)
         ttl_ms = max(1, math.ceil(ttl_s * 1000))
         try:
@@ -275,4 +286,20 @@ class RedisCacheStore:
         except StoreUnavailable:
             self.stats.redis_fallbacks += 1
             return True
+        if got:
+            self._leases[key] = token
         return bool(got)
+
+    def release_lease(self, key: str) -> None:
+        """Give the lease back once our fetch is done (stored or not), so other pods stop
+        waiting for an entry that is not coming."""
+        token = self._leases.pop(key, None)
+        if token is not None:
+            self._queue(("unlease", (key, token)))
+
+    def _lease_key(self, key: str) -> bytes:
+        return self._prefix + b"l:" + key.encode()
+
+    async def _unlease(self, key: str, token: str) -> None:
+        lease_key = self._lease_key(key)
+        await self._runner.call(lambda client: client.eval(_CAS_DELETE_LUA, 1, lease_key, token))

@@ -270,3 +270,24 @@ async def test_keep_alive_client_sees_hits_on_one_connection(nursery: trio.Nurse
         bodies = [(await client.request("GET", "/v1/k")).body for _ in range(3)]
     assert bodies == [b"k"] * 3
     assert len(upstream.received) == 1
+
+
+async def test_concurrent_misses_on_two_daemons_make_one_upstream_request(nursery: trio.Nursery) -> None:
+    upstream = await start_fake_upstream(nursery)
+    upstream.default = cacheable(b"once", delay_s=0.3)
+    with redis_server() as redis:
+        config = _redis_config(cache_config(upstream), redis.url, "t:")
+        daemons = [await start_daemon(nursery, config) for _ in range(2)]
+        bodies: list[bytes] = []
+
+        async def one(daemon: RunningDaemon) -> None:
+            response = await http_request(daemon.port, "GET", "/v1/a", [("host", "localhost:8000")])
+            bodies.append(response.body)
+
+        async with trio.open_nursery() as clients:
+            for i in range(6):
+                clients.start_soon(one, daemons[i % 2])
+        assert bodies == [b"once"] * 6
+        assert len(upstream.received) == 1  # the other pod waited on the Redis lease
+        for daemon in daemons:
+            daemon.app.stop_now()
