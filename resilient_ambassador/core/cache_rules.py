@@ -378,14 +378,31 @@ def url_key(route: str, target: bytes, partition: str) -> str:
     return fingerprint([route.encode(), target, partition.encode()], domain=b"cache-url")
 
 
-def cache_key(url: str, request_headers: Headers, key_headers: Sequence[bytes]) -> str:
-    """The entry key: the URL key plus the values of the configured key headers and of the
-    override headers frameworks act on. Hashed: no raw client input or credential in a key."""
-    parts = [url.encode()]
-    for name in (*key_headers, *UNKEYED_OVERRIDES):
-        value = _joined(request_headers, name)
-        parts.append(b"\x00" if value is None else b"=" + value)
-    return fingerprint(parts, domain=b"cache")
+@final
+class KeyBuilder:
+    """Entry keys for one route: a hash of the route, the target, the credential partition,
+    the values of the configured key headers and of the override headers frameworks act on
+    (so a primed entry never answers a plain request). One pass over the request headers and
+    one hash per request: this runs on every hit. No raw client input or credential in a key."""
+
+    __slots__ = ("_names", "_route", "_wanted")
+
+    def __init__(self, route: str, key_headers: Sequence[bytes]) -> None:
+        self._route = route.encode()
+        self._names = (*key_headers, *UNKEYED_OVERRIDES)
+        self._wanted = frozenset(self._names)
+
+    def key(self, target: bytes, partition: str, headers: Headers) -> str:
+        wanted = self._wanted
+        found: dict[bytes, bytes] = {}
+        for name, value in headers:
+            if name in wanted:
+                found[name] = found[name] + b", " + value if name in found else value
+        parts = [self._route, target, partition.encode()]
+        for name in self._names:
+            seen = found.get(name)
+            parts.append(b"\x00" if seen is None else b"=" + seen)
+        return fingerprint(parts, domain=b"cache")
 
 
 def response_headers(entry: CachedEntry, now: float) -> Headers:

@@ -31,8 +31,8 @@ from resilient_ambassador.core.cache_rules import (
     UNSAFE_METHODS,
     CachedEntry,
     Freshness,
+    KeyBuilder,
     build_entry,
-    cache_key,
     cache_status,
     freshness,
     has_credentials,
@@ -121,7 +121,7 @@ class CacheStage:
         self._route = route
         self._authority = authority  # the upstream's, for same-origin Location invalidation
         self._partition = partition if config.partition_by_credential else (lambda: "")
-        self._key_headers = tuple(name.encode() for name in config.key_headers)
+        self._keys = KeyBuilder(route, tuple(name.encode() for name in config.key_headers))
         self.stats = stats or CacheStats()
         self._clock = clock
         self._flights: dict[str, _Flight] = {}
@@ -146,20 +146,23 @@ class CacheStage:
                 return await self._unsafe(request)
             return _with_status(await self._inner(request), cache_status(fwd=bypass))
         req_cc = cache_control(request.headers)
-        url = url_key(self._route, request.target, self._partition())
-        key = cache_key(url, request.headers, self._key_headers)
+        partition = self._partition()
+        key = self._keys.key(request.target, partition, request.headers)
         entry = await self._store.get(key)
         fwd = "uri-miss"
         if entry is not None and not self._usable_for(entry, request):
             entry, fwd = None, "vary-miss"
+        if entry is not None:
+            now = self._clock()
+            state = freshness(entry, now, revalidate=request_wants_revalidation(req_cc))
+            if state is Freshness.FRESH:
+                self.stats.hits += 1
+                request.outcome.cache = "hit"
+                return self._answer(request, entry, now, cache_status(hit=True, ttl_s=entry.ttl_s(now)))
+        # Every variant of the URL shares this one: what an unsafe method invalidates.
+        url = url_key(self._route, request.target, partition)
         if entry is None:
             return await self._miss(request, req_cc, key, url, fwd)
-        now = self._clock()
-        state = freshness(entry, now, revalidate=request_wants_revalidation(req_cc))
-        if state is Freshness.FRESH:
-            self.stats.hits += 1
-            request.outcome.cache = "hit"
-            return self._answer(request, entry, now, cache_status(hit=True, ttl_s=entry.ttl_s(now)))
         if state is Freshness.STALE_WHILE_REVALIDATE and self._refresh_later(request, entry, key, url):
             self.stats.stale_served += 1
             request.outcome.cache = "stale"
@@ -169,7 +172,7 @@ class CacheStage:
         return await self._revalidate(request, req_cc, entry, key, url, fwd)
 
     def _usable_for(self, entry: CachedEntry, request: Request) -> bool:
-        if not vary_matches(entry, request.headers):
+        if entry.vary and not vary_matches(entry, request.headers):
             return False
         # RFC 9111 3.5: only entries the origin marked shareable answer credentialed requests.
         return entry.credentials_ok or not has_credentials(request.headers)
