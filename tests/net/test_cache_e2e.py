@@ -216,7 +216,12 @@ def _redis_config(config: Config, url: str, prefix: str) -> Config:
 
 async def test_two_daemons_share_redis_entries_but_not_across_credentials(nursery: trio.Nursery) -> None:
     upstream = await start_fake_upstream(nursery)
-    upstream.default = cacheable(b"shared")
+
+    def echoing(received: Received) -> Reply:
+        # A careless upstream that echoes the credential in a header: never stored or sent.
+        return cacheable(b"shared", "max-age=60", ("x-echo", received.header("x-api-key") or ""))
+
+    upstream.default = echoing
     canary = "canary-" + secrets.token_hex(8)
     prefix = f"test:{secrets.token_hex(6)}:"
     with redis_server() as redis:
@@ -238,9 +243,20 @@ async def test_two_daemons_share_redis_entries_but_not_across_credentials(nurser
         assert (from_second.header("cache-status") or "").startswith("resilient-ambassador; hit")
         assert "fwd=uri-miss" in (from_other.header("cache-status") or "")
         assert len(upstream.received) == 2
+        assert from_second.header("x-echo") is None
         dump = redis.command("KEYS", "*")
         assert canary.encode() not in dump
-        assert dump.count(prefix.encode() + b"c:") >= 2  # entries stored as prefix + hash
+        entry_key_length = len(prefix) + len("c:") + 32
+        entries = [
+            k
+            for k in dump.split(b"\r\n")
+            if k.startswith(prefix.encode() + b"c:") and len(k) == entry_key_length
+        ]
+        assert len(entries) >= 2  # entries stored as prefix + "c:" + hash
+        for entry in entries:
+            value = redis.command("GET", entry.decode())
+            assert b"shared" in value
+            assert canary.encode() not in value
         for daemon in (first, second, other):
             daemon.app.stop_now()
 
