@@ -12,6 +12,8 @@ import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from resilient_ambassador.core.config import RouteCacheConfig
 from resilient_ambassador.core.errors import BreakerOpen, ProxyError, UpstreamConnectError
@@ -419,3 +421,39 @@ async def test_credential_partitions_never_share_entries(
     await read(await a(get()))
     assert len(rig.upstream.seen) == 2
     assert stats.hits == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    directives=st.lists(
+        st.sampled_from(
+            ["max-age=60", "s-maxage=60", "public", "stale-if-error=60", "immutable", "no-cache"]
+        ),
+        max_size=3,
+    ),
+    forbidden=st.sampled_from(["no-store", "private", 'private="x-a"', "No-Store"]),
+    split=st.booleans(),
+)
+def test_no_store_and_private_responses_never_reach_the_store(
+    directives: list[str], forbidden: str, split: bool
+) -> None:
+    values = [*directives, forbidden]
+    lines = (
+        [(b"cache-control", v.encode()) for v in values]
+        if split
+        else [(b"cache-control", ", ".join(values).encode())]
+    )
+
+    async def scenario() -> None:
+        store = MemoryCacheStore(1 << 20)
+        upstream = Upstream(default=lambda _: Response(200, list(lines), BufferedBody(b"secret")))
+        stage = CacheStage(
+            upstream, dataclasses.replace(ON, default_ttl_s=60.0, stale_if_error_s=60.0), store, route="r"
+        )
+        for _ in range(2):
+            await read(await stage(get()))
+        assert store.stats.entries == 0
+        assert store.stats.stores == 0
+        assert len(upstream.seen) == 2
+
+    trio.run(scenario)
