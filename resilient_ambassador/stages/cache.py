@@ -92,11 +92,15 @@ class CacheStats:
 class _Flight:
     """One upstream request for a key that others may wait on."""
 
-    __slots__ = ("done", "entry")
+    __slots__ = ("done", "entry", "failed", "failed_status")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.entry: CachedEntry | None = None
+        # The upstream failed (an error, or this 5xx): waiters with a stale copy serve it
+        # instead of asking again.
+        self.failed = False
+        self.failed_status: int | None = None
 
 
 @final
@@ -169,7 +173,29 @@ class CacheStage:
             status = cache_status(hit=True, ttl_s=entry.ttl_s(now), detail="stale-while-revalidate")
             return self._answer(request, entry, now, status)
         fwd = "request" if request_wants_revalidation(req_cc) else "stale"
-        return await self._revalidate(request, req_cc, entry, key, url, fwd)
+        return await self._revalidate_once(request, req_cc, entry, key, url, fwd)
+
+    async def _revalidate_once(
+        self, request: Request, req_cc: CacheControl, entry: CachedEntry, key: str, url: str, fwd: str
+    ) -> Response:
+        """Concurrent requests for one stale entry make one revalidation: the others wait for
+        it, then answer from what it stored, or serve their stale copy if it failed (no second
+        upstream call during an outage)."""
+        flight = self._flights.get(key)
+        if flight is not None:
+            refreshed = await self._wait_for(flight, request)
+            if refreshed is not None and refreshed.ttl_s(self._clock()) > 0:
+                return self._collapsed(request, refreshed)
+            if flight.failed and (stale := self._stale_on_error(request, entry, flight.failed_status)):
+                return stale
+            return await self._revalidate(request, req_cc, entry, key, url, fwd)
+        flight = _Flight()
+        self._flights[key] = flight
+        try:
+            return await self._revalidate(request, req_cc, entry, key, url, fwd, flight=flight)
+        except BaseException:
+            self._finish(key, flight, None)
+            raise
 
     def _usable_for(self, entry: CachedEntry, request: Request) -> bool:
         if entry.vary and not vary_matches(entry, request.headers):
@@ -244,6 +270,11 @@ class CacheStage:
         return self._answer(
             request, entry, now, cache_status(hit=True, ttl_s=entry.ttl_s(now), collapsed=True)
         )
+
+    def _failed(self, key: str, flight: _Flight | None, status: int | None) -> None:
+        if flight is not None:
+            flight.failed, flight.failed_status = True, status
+        self._finish(key, flight, None)
 
     def _finish(self, key: str, flight: _Flight | None, entry: CachedEntry | None) -> None:
         if flight is None or flight.done.is_set():
@@ -367,6 +398,7 @@ class CacheStage:
         fwd: str,
         *,
         background: bool = False,
+        flight: _Flight | None = None,
     ) -> Response:
         """Ask the upstream (conditionally when the entry has validators); serve the stale
         entry instead if that fails and stale-if-error allows it."""
@@ -378,6 +410,7 @@ class CacheStage:
         try:
             response = await self._inner(dataclasses.replace(request, headers=headers))
         except ProxyError as exc:
+            self._failed(key, flight, None)
             stale = None if background else self._stale_on_error(request, entry, None)
             if stale is None:
                 raise
@@ -386,6 +419,7 @@ class CacheStage:
         if response.status >= 500 and not background:
             stale = self._stale_on_error(request, entry, response.status)
             if stale is not None:
+                self._failed(key, flight, response.status)
                 response.release()
                 return stale
         if response.status == 304 and has_validators(entry):
@@ -398,6 +432,7 @@ class CacheStage:
                 config=self._config,
             )
             self._store.put(merged)
+            self._finish(key, flight, merged)
             self.stats.revalidated += 1
             request.outcome.cache = "revalidated"
             now = self._clock()
@@ -406,7 +441,7 @@ class CacheStage:
         self.stats.misses += 1
         request.outcome.cache = "miss"
         return await self._store_and_send(
-            request, req_cc, response, key, url, fwd, None, request_time, fwd_status=response.status
+            request, req_cc, response, key, url, fwd, flight, request_time, fwd_status=response.status
         )
 
     def _stale_on_error(self, request: Request, entry: CachedEntry, status: int | None) -> Response | None:

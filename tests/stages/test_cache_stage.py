@@ -275,6 +275,51 @@ async def test_concurrent_misses_make_one_upstream_request(
     assert rig.stage.stats.collapsed == 4
 
 
+async def test_concurrent_stale_requests_make_one_revalidation(
+    autojump_clock: trio.testing.MockClock, rig: Rig
+) -> None:
+    rig.upstream.script(
+        reply(body=b"v1", cache_control="max-age=1", etag='"v1"'),
+        reply(304, b"", cache_control="max-age=60"),
+    )
+    await rig.fetch()
+    await trio.sleep(2)
+    rig.upstream.delay_s = 1.0
+    bodies: list[bytes] = []
+
+    async def one() -> None:
+        bodies.append((await rig.fetch())[1])
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(4):
+            nursery.start_soon(one)
+    assert bodies == [b"v1"] * 4
+    assert len(rig.upstream.seen) == 2
+
+
+@pytest.mark.parametrize("failure", [UpstreamConnectError("refused"), reply(503)], ids=["error", "503"])
+async def test_a_failed_revalidation_serves_every_waiter_stale_without_asking_again(
+    autojump_clock: trio.testing.MockClock, rig: Rig, failure: Step
+) -> None:
+    rig.upstream.script(reply(body=b"good", cache_control="max-age=1, stale-if-error=600"), failure)
+    await rig.fetch()
+    await trio.sleep(2)
+    rig.upstream.delay_s = 1.0
+    answers: list[Response] = []
+
+    async def one() -> None:
+        response = await rig.stage(get())
+        answers.append(response)
+        await read(response)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(one)
+    assert [a.status for a in answers] == [200] * 5
+    assert all("stale-if-error" in status_of(a) for a in answers)
+    assert len(rig.upstream.seen) == 2  # the first fetch and one failed revalidation
+
+
 async def test_coalescing_wait_is_bounded(autojump_clock: trio.testing.MockClock, rig: Rig) -> None:
     configure(rig, coalesce_wait_s=1.0)
     rig.upstream.delay_s = 3.0
