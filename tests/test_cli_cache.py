@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
+import trio
+import trio.lowlevel
 
 from resilient_ambassador.cli import build_parser, config_for_run
 from resilient_ambassador.config_loader import ConfigError
 from resilient_ambassador.core.config import RouteCacheConfig
 from resilient_ambassador.secrets import SecretResolver
+from tests.stores.redis_server import free_port, redis_server
+from tests.support.client import http_request
+from tests.support.upstream import Reply, start_fake_upstream
+
+CLI = [sys.executable, "-m", "resilient_ambassador"]
 
 UPSTREAM = ["run", "--upstream", "http://127.0.0.1:9"]
 
@@ -46,3 +55,69 @@ def test_redis_flag_moves_the_store_to_redis() -> None:
 def test_bad_durations_are_usage_errors(flags: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         route_cache(*flags)
+
+
+async def test_two_daemon_processes_share_entries_through_redis(nursery: trio.Nursery) -> None:
+    """The quick-start flags, as two real processes: the second serves the first's entry."""
+    upstream = await start_fake_upstream(nursery, default=Reply(body=b"from-upstream"))
+    with redis_server() as redis:
+        ports = [free_port() for _ in range(2)]
+        processes = [
+            await trio.lowlevel.open_process(
+                [
+                    *CLI,
+                    "run",
+                    "--listen",
+                    f"127.0.0.1:{port}",
+                    "--admin",
+                    f"127.0.0.1:{free_port()}",
+                    "--upstream",
+                    upstream.url(),
+                    "--cache-ttl",
+                    "60s",
+                    "--redis",
+                    redis.url,
+                    "--log-level",
+                    "warning",
+                ]
+            )
+            for port in ports
+        ]
+        try:
+            for port, process in zip(ports, processes, strict=True):
+                await _wait_listening(port, process)
+            host = [("host", "localhost:8000")]  # both pods' apps call their sidecar alike
+            first = await http_request(ports[0], "GET", "/v1/a", host)
+            for _ in range(250):  # the first pod writes to Redis in the background
+                if _has_entry(redis.command("KEYS", "ra:c:*")):
+                    break
+                await trio.sleep(0.02)
+            second = await http_request(ports[1], "GET", "/v1/a", host)
+        finally:
+            for process in processes:
+                process.kill()
+                await process.wait()
+    assert first.header("cache-status") == "resilient-ambassador; fwd=uri-miss; stored"
+    assert second.body == b"from-upstream"
+    assert (second.header("cache-status") or "").startswith("resilient-ambassador; hit")
+    assert len(upstream.received) == 1
+
+
+def _has_entry(keys_reply: bytes) -> bool:
+    """Whether a raw KEYS reply lists an entry (`ra:c:` + 32 hex digits)."""
+    return any(
+        len(line) == len("ra:c:") + 32 for line in keys_reply.split(b"\r\n") if line.startswith(b"ra:c:")
+    )
+
+
+async def _wait_listening(port: int, process: trio.Process) -> None:
+    with trio.fail_after(15):
+        while True:
+            assert process.returncode is None, "daemon exited early"
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.05)
+                continue
+            await stream.aclose()
+            return
