@@ -329,6 +329,7 @@ _ROUTE_CACHE: _Schema = {
     "stale_if_error": ("stale_if_error_s", _At.duration),
     "heuristic": ("heuristic", _At.boolean),
     "store_set_cookie": ("store_set_cookie", _At.boolean),
+    "respect_client_no_cache": ("respect_client_no_cache", _At.boolean),
     "max_object_size": ("max_object_bytes", _At.size),
     "coalesce_wait": ("coalesce_wait_s", _At.duration),
 }

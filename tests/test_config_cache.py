@@ -39,6 +39,7 @@ def test_route_and_store_blocks_map_to_the_model() -> None:
                   stale_if_error: 1h
                   heuristic: true
                   store_set_cookie: true
+                  respect_client_no_cache: true
                   max_object_size: 256KiB
                   coalesce_wait: 2s
               - upstream: api
@@ -61,6 +62,7 @@ def test_route_and_store_blocks_map_to_the_model() -> None:
         stale_if_error_s=3600.0,
         heuristic=True,
         store_set_cookie=True,
+        respect_client_no_cache=True,
         max_object_bytes=256 * 1024,
         coalesce_wait_s=2.0,
     )

@@ -446,7 +446,8 @@ ERRORS = {
         """,
         "ambassador.yaml:5: listeners[0].routes[0].cache.ttl: unknown key (expected one of: enabled, "
         "default_ttl, max_ttl, key_headers, partition_by_credential, stale_while_revalidate, "
-        "stale_if_error, heuristic, store_set_cookie, max_object_size, coalesce_wait)",
+        "stale_if_error, heuristic, store_set_cookie, respect_client_no_cache, max_object_size, "
+        "coalesce_wait)",
     ),
     "unknown retry key": (
         """\

@@ -186,6 +186,10 @@ class RouteCacheConfig:
     stale_if_error_s: float = 0.0
     heuristic: bool = False  # RFC 9111 4.2.2 heuristic freshness (10% of Last-Modified age)
     store_set_cookie: bool = False  # nginx and Varnish do not store responses that set cookies
+    # A client's `Cache-Control: no-cache` / `max-age=0` forces a revalidation only when this is
+    # on. Off by default, as in nginx and Varnish: some HTTP clients send it on every request,
+    # which would spend the upstream quota the cache is there to save.
+    respect_client_no_cache: bool = False
     # Larger responses stream through and are not stored (never buffered whole).
     max_object_bytes: int = 1 * MiB
     # How long concurrent misses for one key wait for the one request in flight (nginx's

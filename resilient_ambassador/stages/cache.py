@@ -156,9 +156,10 @@ class CacheStage:
         fwd = "uri-miss"
         if entry is not None and not self._usable_for(entry, request):
             entry, fwd = None, "vary-miss"
+        revalidate = self._config.respect_client_no_cache and request_wants_revalidation(req_cc)
         if entry is not None:
             now = self._clock()
-            state = freshness(entry, now, revalidate=request_wants_revalidation(req_cc))
+            state = freshness(entry, now, revalidate=revalidate)
             if state is Freshness.FRESH:
                 self.stats.hits += 1
                 request.outcome.cache = "hit"
@@ -172,7 +173,7 @@ class CacheStage:
             request.outcome.cache = "stale"
             status = cache_status(hit=True, ttl_s=entry.ttl_s(now), detail="stale-while-revalidate")
             return self._answer(request, entry, now, status)
-        fwd = "request" if request_wants_revalidation(req_cc) else "stale"
+        fwd = "request" if revalidate else "stale"
         return await self._revalidate_once(request, req_cc, entry, key, url, fwd)
 
     async def _revalidate_once(

@@ -178,6 +178,21 @@ async def test_revalidation_with_etag_and_304(autojump_clock: trio.testing.MockC
     assert rig.stage.stats.revalidated == 1
 
 
+async def test_client_no_cache_revalidates_only_when_respected(
+    autojump_clock: trio.testing.MockClock, rig: Rig
+) -> None:
+    rig.upstream.default = reply(body=b"v", cache_control="max-age=60", etag='"v"')
+    await rig.fetch()
+    ignored, _ = await rig.fetch(get(b"/a", (b"cache-control", b"no-cache")))
+    assert status_of(ignored).startswith("resilient-ambassador; hit")
+    configure(rig, respect_client_no_cache=True)
+    rig.upstream.script(reply(304, b"", cache_control="max-age=60"))
+    respected, body = await rig.fetch(get(b"/a", (b"cache-control", b"max-age=0")))
+    assert body == b"v"
+    assert "fwd=request; fwd-status=304" in status_of(respected)
+    assert len(rig.upstream.seen) == 2
+
+
 async def test_clients_conditional_gets_304_from_the_cache(
     autojump_clock: trio.testing.MockClock, rig: Rig
 ) -> None:
