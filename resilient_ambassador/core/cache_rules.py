@@ -246,7 +246,8 @@ def build_entry(
     """The entry for a storable response (check `not_stored_reason` first)."""
     cc = cache_control(headers)
     stored = [(n, v) for n, v in headers if n not in _NOT_STORED]
-    stored.append((b"content-length", str(len(body)).encode()))
+    if status != 204:  # RFC 9110 8.6: a 204 never carries Content-Length
+        stored.append((b"content-length", str(len(body)).encode()))
     no_stale = any(cc.has(d) for d in ("must-revalidate", "proxy-revalidate", "s-maxage", "no-cache"))
     return CachedEntry(
         key=key,

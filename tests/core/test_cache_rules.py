@@ -105,6 +105,14 @@ def test_head_responses_are_never_stored() -> None:
     assert why_not([(b"cache-control", b"max-age=60")], method=b"HEAD") == "method"
 
 
+def test_stored_framing_comes_from_the_stored_body() -> None:
+    stored = entry([(b"cache-control", b"max-age=60"), (b"content-length", b"999"), (b"age", b"3")])
+    assert dict(stored.headers)[b"content-length"] == b"4"
+    assert b"age" not in dict(stored.headers)
+    no_content = entry([(b"cache-control", b"max-age=60")], status=204)
+    assert b"content-length" not in dict(no_content.headers)
+
+
 def test_set_cookie_stored_only_when_configured_and_never_replayed() -> None:
     headers = [(b"cache-control", b"max-age=60"), (b"set-cookie", b"a=b")]
     config = dataclasses.replace(ON, store_set_cookie=True)
