@@ -115,7 +115,7 @@ class App:
             self.breaker_sync = SharedBreakerSync(self.redis, key_prefix=config.redis.key_prefix)
             for stage in shared:
                 self.breaker_sync.register(stage)
-        # The response cache: one store for every route that turns it on (docs/resilience.md).
+        # The response cache: one store for every route that turns it on (docs/cache.md).
         self.cache_stats = CacheStats()
         self.cache_stages: list[CacheStage] = []
         self.cache_store: CacheStore | None = None

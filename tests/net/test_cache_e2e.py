@@ -307,3 +307,17 @@ async def test_concurrent_misses_on_two_daemons_make_one_upstream_request(nurser
         assert len(upstream.received) == 1  # the other pod waited on the Redis lease
         for daemon in daemons:
             daemon.app.stop_now()
+
+
+async def test_purge_answers_when_the_cache_is_off_or_the_request_is_wrong(nursery: trio.Nursery) -> None:
+    upstream = await start_fake_upstream(nursery)
+    off = await start_daemon(nursery, simple_config(upstream_config(upstream.url())))
+    assert (await http_request(off.admin_port, "POST", "/cache/purge?url=/a")).status == 404
+    _, on = await start(nursery)
+    port = on.admin_port
+    assert (await http_request(port, "POST", "/cache/purge", body=b"[1]")).status == 400
+    assert (
+        await http_request(port, "POST", "/cache/purge", body=b'{"url": "/a", "prefix": "/"}')
+    ).status == 400
+    assert (await http_request(port, "POST", "/cache/purge", body=b"x" * 9000)).status == 413
+    assert (await http_request(port, "GET", "/cache/purge?url=/a")).status == 404
