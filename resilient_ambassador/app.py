@@ -351,6 +351,8 @@ class App:
         doc: dict[str, Json] = dict(asdict(self.cache_stats))
         doc["backend"] = "redis" if isinstance(self.cache_store, RedisCacheStore) else "memory"
         doc["store"] = dict(asdict(self.cache_store.stats))
+        if isinstance(self.cache_store, RedisCacheStore) and self.redis is not None:
+            doc["redis_healthy"] = self.redis.healthy
         return doc
 
     def drain(self) -> None:

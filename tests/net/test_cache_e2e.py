@@ -276,6 +276,7 @@ async def test_redis_down_bypasses_the_cache_and_traffic_flows(nursery: trio.Nur
         store = stats["store"]
         assert isinstance(store, dict)
         assert store["redis_fallbacks"] >= 1  # type: ignore[operator]
+        assert stats["redis_healthy"] is False
         daemon.app.stop_now()
 
 
