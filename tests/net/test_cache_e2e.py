@@ -322,3 +322,23 @@ async def test_purge_answers_when_the_cache_is_off_or_the_request_is_wrong(nurse
     ).status == 400
     assert (await http_request(port, "POST", "/cache/purge", body=b"x" * 9000)).status == 413
     assert (await http_request(port, "GET", "/cache/purge?url=/a")).status == 404
+
+
+async def test_head_first_and_range_requests_never_store_partial_bodies(nursery: trio.Nursery) -> None:
+    upstream, daemon = await start(nursery)
+    upstream.default = cacheable(b"full body")
+    head = await http_request(daemon.port, "HEAD", "/v1/h")
+    get = await http_request(daemon.port, "GET", "/v1/h")
+    assert (head.body, get.body) == (b"", b"full body")  # the HEAD stored nothing for the GET
+    upstream.script(
+        Reply(
+            status=206,
+            headers=(("content-range", "bytes 0-3/9"), ("cache-control", "max-age=60")),
+            body=b"full",
+        )
+    )
+    partial = await http_request(daemon.port, "GET", "/v1/r", [("range", "bytes=0-3")])
+    whole = await http_request(daemon.port, "GET", "/v1/r")
+    assert (partial.status, partial.header("cache-status")) == (206, "resilient-ambassador; fwd=request")
+    assert (whole.status, whole.body) == (200, b"full body")
+    assert len(upstream.received) == 4
