@@ -51,7 +51,7 @@ from resilient_ambassador.core.cache_rules import (
     vary_matches,
 )
 from resilient_ambassador.core.config import RouteCacheConfig
-from resilient_ambassador.core.errors import ProxyError
+from resilient_ambassador.core.errors import ClientError, ProxyError
 from resilient_ambassador.core.messages import (
     EMPTY_BODY,
     Body,
@@ -410,6 +410,9 @@ class CacheStage:
         request_time = self._clock()
         try:
             response = await self._inner(dataclasses.replace(request, headers=headers))
+        except ClientError:
+            self._finish(key, flight, None)
+            raise  # the client's own fault (its body, its deadline header): no stale cover
         except ProxyError as exc:
             self._failed(key, flight, None)
             stale = None if background else self._stale_on_error(request, entry, None)

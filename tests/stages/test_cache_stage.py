@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilient_ambassador.core.config import RouteCacheConfig
-from resilient_ambassador.core.errors import BreakerOpen, ProxyError, UpstreamConnectError
+from resilient_ambassador.core.errors import BreakerOpen, ClientError, ProxyError, UpstreamConnectError
 from resilient_ambassador.core.messages import BufferedBody, Headers, Request, Response, header_value
 from resilient_ambassador.stages.cache import CacheStage, CacheStats
 from resilient_ambassador.stores.cache_memory import MemoryCacheStore
@@ -245,6 +245,19 @@ async def test_stale_if_error_serves_the_stale_copy_without_another_call(
     assert header_value(response.headers, b"age") == b"5"
     assert len(rig.upstream.seen) == 2
     assert rig.stage.stats.stale_if_error == 1
+
+
+async def test_client_errors_are_not_covered_by_a_stale_copy(
+    autojump_clock: trio.testing.MockClock, rig: Rig
+) -> None:
+    rig.upstream.script(
+        reply(body=b"good", cache_control="max-age=1, stale-if-error=600"),
+        ClientError(408, "request_timeout", "request body timeout"),
+    )
+    await rig.fetch()
+    await trio.sleep(2)
+    with pytest.raises(ClientError):
+        await rig.fetch()
 
 
 async def test_stale_if_error_window_from_config_and_its_end(
