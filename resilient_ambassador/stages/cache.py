@@ -205,9 +205,10 @@ class CacheStage:
         return entry.credentials_ok or not has_credentials(request.headers)
 
     def _answer(self, request: Request, entry: CachedEntry, now: float, status: bytes) -> Response:
-        """A response from a stored entry: 304 when the client's own conditional matches,
-        headers only for HEAD, `Age` always."""
-        if not_modified(request.headers, entry.headers):
+        """A response from a stored entry: 304 when the client's own conditional matches a
+        2xx (an error has no representation to be unchanged), headers only for HEAD, `Age`
+        always."""
+        if 200 <= entry.status < 300 and not_modified(request.headers, entry.headers):
             headers = not_modified_headers(entry.headers)
             headers.append((b"age", str(int(entry.age_s(now))).encode()))
             headers.append((CACHE_STATUS, status))
@@ -356,7 +357,7 @@ class CacheStage:
             self.stats.not_stored += 1
             self._finish(key, flight, None)
             status = cache_status(fwd=fwd, fwd_status=fwd_status, detail=why)
-            if not_modified(request.headers, response.headers) and 200 <= response.status < 300:
+            if 200 <= response.status < 300 and not_modified(request.headers, response.headers):
                 response.release()
                 return Response(304, [*not_modified_headers(response.headers), (CACHE_STATUS, status)])
             return _with_status(response, status)
@@ -371,7 +372,7 @@ class CacheStage:
             self._finish(key, flight, entry)
 
         status = cache_status(fwd=fwd, fwd_status=fwd_status, stored=True)
-        if not_modified(request.headers, response.headers):
+        if 200 <= response.status < 300 and not_modified(request.headers, response.headers):
             # The client already has it: read the body for the store here, answer 304.
             body = await _read_limited(response, self._config.max_object_bytes)
             complete(body)

@@ -207,6 +207,16 @@ async def test_clients_conditional_gets_304_from_the_cache(
     assert len(rig.upstream.seen) == 1
 
 
+async def test_conditionals_never_turn_an_error_into_304(
+    autojump_clock: trio.testing.MockClock, rig: Rig
+) -> None:
+    rig.upstream.script(reply(404, b"gone", cache_control="max-age=60"))
+    first, _ = await rig.fetch(get(b"/a", (b"if-none-match", b"*")))
+    second, body = await rig.fetch(get(b"/a", (b"if-none-match", b"*")))
+    assert (first.status, second.status, body) == (404, 404, b"gone")
+    assert status_of(second).startswith("resilient-ambassador; hit")
+
+
 async def test_stale_while_revalidate_serves_at_once_and_refreshes_once(
     autojump_clock: trio.testing.MockClock, rig: Rig
 ) -> None:
