@@ -409,8 +409,11 @@ class CacheStage:
         else:
             headers = [(n, v) for n, v in request.headers if n not in CONDITIONAL_HEADERS]
         request_time = self._clock()
+        fallback = not background and usable_on_error(entry, request_time)
         try:
-            response = await self._inner(dataclasses.replace(request, headers=headers))
+            response = await self._inner(
+                dataclasses.replace(request, headers=headers, stale_fallback=fallback)
+            )
         except ClientError:
             self._finish(key, flight, None)
             raise  # the client's own fault (its body, its deadline header): no stale cover

@@ -342,3 +342,23 @@ async def test_head_first_and_range_requests_never_store_partial_bodies(nursery:
     assert (partial.status, partial.header("cache-status")) == (206, "resilient-ambassador; fwd=request")
     assert (whole.status, whole.body) == (200, b"full body")
     assert len(upstream.received) == 4
+
+
+async def test_a_failure_with_a_stale_fallback_is_not_retried(nursery: trio.Nursery) -> None:
+    upstream = await start_fake_upstream(nursery)
+    retry = dataclasses.replace(NO_RETRY, retries=2, backoff_base_s=0.001, backoff_max_s=0.002)
+    route = RouteConfig(upstream="up", name="api", cache=CACHE, retry=retry)
+    daemon = await start_daemon(nursery, cache_config(upstream, route=route))
+    upstream.script(
+        cacheable(b"good", "max-age=1, stale-if-error=600", ("age", "5")),
+        cacheable(b"strict", "max-age=1, must-revalidate", ("age", "5")),
+    )
+    upstream.default = Reply(status=503)
+    await http_request(daemon.port, "GET", "/v1/covered")
+    await http_request(daemon.port, "GET", "/v1/strict")
+    covered = await http_request(daemon.port, "GET", "/v1/covered")
+    assert (covered.status, covered.body) == (200, b"good")
+    assert len(upstream.received) == 3  # one revalidation, not retried: the stale copy answers
+    strict = await http_request(daemon.port, "GET", "/v1/strict")
+    assert strict.status == 503
+    assert len(upstream.received) == 6  # no stale cover: the retries run as usual
