@@ -244,6 +244,7 @@ async def test_two_daemons_share_redis_entries_but_not_across_credentials(nurser
         assert "fwd=uri-miss" in (from_other.header("cache-status") or "")
         assert len(upstream.received) == 2
         assert from_second.header("x-echo") is None
+        await other.app.cache_store.flush()  # type: ignore[union-attr]
         dump = redis.command("KEYS", "*")
         assert canary.encode() not in dump
         entry_key_length = len(prefix) + len("c:") + 32
