@@ -30,9 +30,13 @@ from resilient_ambassador.net.server import HttpServer, RouteRuntime
 from resilient_ambassador.net.upstream import ConnectionPool, UpstreamClient
 from resilient_ambassador.secrets import SecretResolver
 from resilient_ambassador.stages.breaker import BreakerChange, BreakerStage, maybe_breaker
+from resilient_ambassador.stages.cache import CacheStage, CacheStats
 from resilient_ambassador.stages.ratelimit import QuotaStage, QuotaTracker, RateLimitStage
 from resilient_ambassador.stages.retry import RetryStage
 from resilient_ambassador.stages.telemetry import AttemptTelemetry, RequestTelemetry
+from resilient_ambassador.stores.cache_memory import CacheStore, MemoryCacheStore
+from resilient_ambassador.stores.cache_redis import RedisCacheStore
+from resilient_ambassador.stores.errors import StoreUnavailable
 from resilient_ambassador.stores.ratelimit import Buckets, MemoryBuckets, RedisBuckets
 from resilient_ambassador.stores.redis_client import RedisRunner
 from resilient_ambassador.stores.shared_breaker import SharedBreakerSync
@@ -56,11 +60,12 @@ def build_pipeline(
     upstream: Handler,
     telemetry: Telemetry | None = None,
     rate_limit: Callable[[Handler], Handler] | None = None,
+    cache: Callable[[Handler], Handler] | None = None,
 ) -> Handler:
-    """A route's chain of stages, outermost first: telemetry -> retry -> rate limit -> quota ->
-    breaker -> attempt telemetry -> upstream client. (`upstream` may already carry the
-    upstream's quota stage in front of its breaker; `rate_limit` wraps the handler in the
-    route's RateLimitStage.)
+    """A route's chain of stages, outermost first: telemetry -> cache -> retry -> rate limit ->
+    quota -> breaker -> attempt telemetry -> upstream client. (`upstream` may already carry
+    the upstream's quota stage in front of its breaker; `rate_limit` and `cache` wrap the
+    handler in the route's RateLimitStage and CacheStage.)
 
     `upstream` is the upstream's shared breaker (or its client when the breaker is off): one
     breaker per upstream, whatever the number of routes. Retry sits outside it, so every
@@ -78,6 +83,8 @@ def build_pipeline(
             budget=RetryBudget.from_config(route.retry),
             upstream=route.upstream,
         )
+    if cache is not None:
+        handler = cache(handler)  # a hit spends no retry budget and no quota
     if telemetry is not None:
         handler = RequestTelemetry(handler, telemetry, route)
     return handler
@@ -137,6 +144,12 @@ class App:
             self.breaker_sync = SharedBreakerSync(self.redis, key_prefix=config.redis.key_prefix)
             for stage in shared:
                 self.breaker_sync.register(stage)
+        # The response cache: one store for every route that turns it on (docs/cache.md).
+        self.cache_stats = CacheStats()
+        self.cache_stages: list[CacheStage] = []
+        self.cache_store: CacheStore | None = None
+        if any(route.cache.enabled for listener in config.listeners for route in listener.routes):
+            self.cache_store = self._make_cache_store()
         # Upstream-quota awareness: one tracker per upstream, in front of its breaker(s).
         self.quotas: dict[str, QuotaTracker] = {}
         self.quota_sync: SharedQuotaSync | None = None
@@ -172,6 +185,7 @@ class App:
                 stats=self.stats,
                 config=self.config_document,
                 metrics=self.telemetry.prometheus_text,
+                purge=self.purge_cache if self.cache_store is not None else None,
             )
             if config.admin.enabled
             else None
@@ -186,6 +200,8 @@ class App:
         self._bound_ports: dict[str, int] = {}  # listener name -> the port it got (port 0)
         self._bound: BoundListeners | None = None
         self._reload_lock = trio.Lock()
+        self._background: trio.Nursery | None = None
+        self._cache_scopes: dict[int, trio.CancelScope] = {}
         self.reloads = 0
         self.reload_failures = 0
         self._connections: trio.CancelScope | None = None
@@ -298,6 +314,50 @@ class App:
 
         return wrap
 
+    def _make_cache_store(self) -> CacheStore:
+        cache = self.config.cache
+        if cache.backend == "redis" and self.redis is not None:
+            return RedisCacheStore(
+                self.redis,
+                key_prefix=self.config.redis.key_prefix,
+                near_cache_bytes=cache.near_cache_bytes,
+                near_ttl_s=cache.near_cache_ttl_s,
+            )
+        return MemoryCacheStore(cache.max_bytes)
+
+    def _cache_for(self, route: RouteConfig, config: Config) -> Callable[[Handler], Handler] | None:
+        store = self.cache_store
+        if store is None or not route.cache.enabled:
+            return None
+        client = self.clients[route.upstream]
+
+        def wrap(inner: Handler) -> Handler:
+            stage = CacheStage(
+                inner,
+                route.cache,
+                store,
+                route=route.name,
+                authority=upstream_host(config.upstreams[route.upstream]),
+                partition=client.credential_fingerprint,
+                stats=self.cache_stats,
+            )
+            self.cache_stages.append(stage)
+            return stage
+
+        return wrap
+
+    async def purge_cache(self, target: bytes, prefix: bool) -> tuple[int, dict[str, Json]]:
+        """Admin purge of one target (path and query, as forwarded) or every target under a
+        prefix; the status and document the admin listener answers with."""
+        if self.cache_store is None:
+            return 404, {"error": "cache_off", "message": "no route has the cache on"}
+        try:
+            purged = await self.cache_store.purge(target, prefix=prefix)
+        except StoreUnavailable as exc:
+            return 503, {"error": "store_unavailable", "message": str(exc)}
+        log.info("cache purge (%s): %d entries", "prefix" if prefix else "url", purged)
+        return 200, {"purged": purged}
+
     @staticmethod
     def breaker_name(route: RouteConfig) -> str:
         return route.upstream if route.breaker is None else f"{route.upstream}/{route.name}"
@@ -364,6 +424,20 @@ class App:
                     log.warning("upstream %s: quota.shared: redis takes effect at the next restart", name)
         self.quotas = quotas
 
+    def _start_cache_stage(self, stage: CacheStage) -> None:
+        """Run a cache stage's background refreshes (stale-while-revalidate) in a scope of its
+        own, so a reload can retire the stages it replaced."""
+        if self._background is None:
+            return
+        scope = trio.CancelScope()
+        self._cache_scopes[id(stage)] = scope
+
+        async def run() -> None:
+            with scope:
+                await stage.run()
+
+        self._background.start_soon(run)
+
     def _counted(self, handler: Handler, name: str) -> Handler:
         if isinstance(handler, BreakerStage):
             handler.add_change_hook(partial(_count_transition, self.telemetry, name))
@@ -374,7 +448,11 @@ class App:
             id(route): RouteRuntime(
                 config=route,
                 handler=build_pipeline(
-                    route, self._upstream_handler(route), self.telemetry, self._rate_limiter(route)
+                    route,
+                    self._upstream_handler(route),
+                    self.telemetry,
+                    self._rate_limiter(route),
+                    self._cache_for(route, config),
                 ),
                 upstream_host=upstream_host(config.upstreams[route.upstream]),
             )
@@ -446,6 +524,11 @@ class App:
                     await background.start(self.breaker_sync.run)
                 if self.quota_sync is not None:
                     await background.start(self.quota_sync.run)
+                if self.cache_store is not None:
+                    await background.start(self.cache_store.run)
+                self._background = background
+                for stage in self.cache_stages:
+                    self._start_cache_stage(stage)
                 if self.admin is not None and bound.admin:
                     background.start_soon(trio.serve_listeners, self.admin.handle_connection, bound.admin)
                     log.info("admin listener on %s", ", ".join(_address(lst) for lst in bound.admin))
@@ -554,7 +637,7 @@ class App:
     async def _reload(self, config: Config) -> None:
         if self.draining or self.unready or self._accept_nursery is None:
             raise ReloadError("not serving (starting or draining)")
-        fixed = ("admin", "redis", "workers", "access_log", "telemetry")
+        fixed = ("admin", "redis", "workers", "access_log", "telemetry", "cache")
         changed = [key for key in fixed if getattr(config, key) != getattr(self.config, key)]
         if changed:
             log.warning("reload: %s changed; that takes effect at the next restart", ", ".join(changed))
@@ -599,6 +682,9 @@ class App:
         self._build_upstreams(config, keep=self)
         self._build_quotas(config, keep=self)
         self.rate_limits, self._redis_buckets = {}, {}
+        retired, self.cache_stages = self.cache_stages, []
+        if self.cache_store is None and any(r.cache.enabled for lst in config.listeners for r in lst.routes):
+            log.warning("reload: the cache is turned on; it takes effect at the next restart")
         shared = self.breaker_sync
         for stage in self.breakers.values():
             if isinstance(stage, BreakerStage) and stage.config.shared == "redis" and shared is not None:
@@ -622,6 +708,10 @@ class App:
             log.info("listener %s removed: draining its connections", server.config.name)
         self.servers = servers
         self.config = config
+        for stage in retired:  # their queued background refreshes are best-effort: dropped
+            self._cache_scopes.pop(id(stage), trio.CancelScope()).cancel()
+        for stage in self.cache_stages:
+            self._start_cache_stage(stage)
         for name, pool in previous_pools.items():
             if self.pools.get(name) is not pool:
                 pool.close_idle()  # in-flight requests finish on it; nothing new will use it
@@ -703,6 +793,7 @@ class App:
                 "write_errors": self.access_log.write_errors,
             },
             "tcp_listeners": tcp_listeners,
+            "cache": self._cache_stats(),
         }
 
     def _rate_limit_stats(self) -> dict[str, Json]:
@@ -726,6 +817,16 @@ class App:
             sync = self.quota_sync
             shared = {"published": sync.published, "applied": sync.applied, "sync_errors": sync.sync_errors}
         return {"routes": routes, "upstream_quota": quotas, "shared_quota": shared}
+
+    def _cache_stats(self) -> Json:
+        if self.cache_store is None:
+            return None
+        doc: dict[str, Json] = dict(asdict(self.cache_stats))
+        doc["backend"] = "redis" if isinstance(self.cache_store, RedisCacheStore) else "memory"
+        doc["store"] = dict(asdict(self.cache_store.stats))
+        if isinstance(self.cache_store, RedisCacheStore) and self.redis is not None:
+            doc["redis_healthy"] = self.redis.healthy
+        return doc
 
     def drain(self) -> None:
         """Stop accepting, let in-flight requests finish within the grace period, close idle

@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--redis",
         metavar="URL",
-        help="share state through this Redis (redis://host:6379/0): open breakers and --rate-limit",
+        help="share state through this Redis (redis://host:6379/0): open breakers, --rate-limit "
+        "and the cache",
     )
     run.add_argument(
         "--rate-limit",
@@ -94,6 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--burst", type=int, metavar="N", help="requests admitted at once (default: one second's worth)"
+    )
+    run.add_argument(
+        "--cache",
+        action="store_true",
+        help="cache responses on every route, honouring the upstream's Cache-Control (memory; "
+        "Redis with --redis)",
+    )
+    run.add_argument(
+        "--cache-ttl",
+        metavar="DURATION",
+        help="cache responses without freshness information this long (implies --cache)",
+    )
+    run.add_argument(
+        "--stale-if-error",
+        metavar="DURATION",
+        help="serve a stale cached copy up to this long when the upstream fails (implies --cache)",
     )
     run.add_argument(
         "--admin",
@@ -154,6 +171,7 @@ def config_for_run(args: argparse.Namespace, resolver: SecretResolver) -> Config
     else:
         config = _override_file_config(load_config(args.config, resolver), args, resolver)
     config = _apply_policy_flags(config, args)
+    config = _apply_cache_flags(config, args)
     if args.admin is not None:
         try:
             host, port = parse_listen_address(args.admin)
@@ -285,6 +303,41 @@ def _relay_breaker_flags(
     if reset_s is not None:
         breaker = dataclasses.replace(breaker, reset_timeout_s=reset_s)
     return dataclasses.replace(listener, relay=dataclasses.replace(listener.relay, breaker=breaker))
+
+
+def _apply_cache_flags(config: Config, args: argparse.Namespace) -> Config:
+    """--cache, --cache-ttl and --stale-if-error turn the cache on for every route (keeping a
+    file's other cache settings); --redis moves the store to Redis."""
+    durations: dict[str, float] = {}
+    for flag, value in (("--cache-ttl", args.cache_ttl), ("--stale-if-error", args.stale_if_error)):
+        if value is None:
+            continue
+        try:
+            durations[flag] = parse_duration(value)
+            if durations[flag] <= 0:
+                raise ValueError("must be greater than 0")
+        except ValueError as exc:
+            raise ConfigError(f"{flag}: {exc}") from None
+    if args.redis is not None:
+        config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, backend="redis"))
+    if not (args.cache or durations):
+        return config
+    changes: dict[str, object] = {"enabled": True}
+    if "--cache-ttl" in durations:
+        changes["default_ttl_s"] = durations["--cache-ttl"]
+    if "--stale-if-error" in durations:
+        changes["stale_if_error_s"] = durations["--stale-if-error"]
+    listeners = tuple(
+        dataclasses.replace(
+            listener,
+            routes=tuple(
+                dataclasses.replace(r, cache=dataclasses.replace(r.cache, **changes))  # type: ignore[arg-type]
+                for r in listener.routes
+            ),
+        )
+        for listener in config.listeners
+    )
+    return dataclasses.replace(config, listeners=listeners)
 
 
 def _override_file_config(config: Config, args: argparse.Namespace, resolver: SecretResolver) -> Config:

@@ -27,6 +27,7 @@ from resilient_ambassador.core.config import (
     AccessLogConfig,
     AdminConfig,
     BreakerConfig,
+    CacheStoreConfig,
     ClientLimits,
     Config,
     DrainConfig,
@@ -38,6 +39,7 @@ from resilient_ambassador.core.config import (
     RedisConfig,
     RelayConfig,
     RetryConfig,
+    RouteCacheConfig,
     RouteConfig,
     TelemetryConfig,
     TLSConfig,
@@ -134,7 +136,7 @@ class _At:
         """A mapping with a fixed set of keys; `policies` marks where `_RESERVED` keys belong."""
         found = dict(self.entries())
         for key, at in found.items():
-            if policies and key in _RESERVED:
+            if policies and key in _RESERVED and key not in allowed:
                 raise at.error(f"{key} is not implemented in this version yet")
             if key not in allowed:
                 raise at.error(f"unknown key (expected one of: {', '.join(allowed)})")
@@ -215,6 +217,16 @@ class _At:
                 raise item.error("expected an upper-case method such as GET")
             out.add(method)
         return frozenset(out)
+
+    def header_names(self) -> tuple[str, ...]:
+        """A list of header field names, lower-cased, duplicates refused."""
+        out: list[str] = []
+        for item in self.items():
+            name = item.header_name()
+            if name in out:
+                raise item.error(f"{name} is listed twice")
+            out.append(name)
+        return tuple(out)
 
     def header_name(self) -> str:
         name = self.text()
@@ -333,6 +345,33 @@ _REDIS: _Schema = {
     "key_prefix": ("key_prefix", _At.text),
 }
 
+_ROUTE_CACHE: _Schema = {
+    "enabled": ("enabled", _At.boolean),
+    "default_ttl": ("default_ttl_s", _At.duration),
+    "max_ttl": ("max_ttl_s", _At.duration),
+    "key_headers": ("key_headers", _At.header_names),
+    "partition_by_credential": ("partition_by_credential", _At.boolean),
+    "stale_while_revalidate": ("stale_while_revalidate_s", _At.duration),
+    "stale_if_error": ("stale_if_error_s", _At.duration),
+    "heuristic": ("heuristic", _At.boolean),
+    "store_set_cookie": ("store_set_cookie", _At.boolean),
+    "respect_client_no_cache": ("respect_client_no_cache", _At.boolean),
+    "max_object_size": ("max_object_bytes", _At.size),
+    "coalesce_wait": ("coalesce_wait_s", _At.duration),
+}
+_CACHE_STORE: _Schema = {
+    "backend": ("backend", lambda at: at.choice("memory", "redis")),
+    "max_size": ("max_bytes", _At.size),
+    "near_cache_size": ("near_cache_bytes", _At.size),
+    "near_cache_ttl": ("near_cache_ttl_s", _At.duration),
+}
+
+
+def _route_cache(at: _At) -> RouteCacheConfig:
+    """A route's `cache` block; writing the block turns the cache on unless it says
+    `enabled: false`."""
+    return RouteCacheConfig(**{"enabled": True, **_section(at, _ROUTE_CACHE)})
+
 
 def parse_otlp_endpoint(text: str) -> str:
     """The OTLP/HTTP collector's base URL (`/v1/traces` and `/v1/metrics` are appended)."""
@@ -368,6 +407,7 @@ _ROUTE: _Schema = {
     "retry": ("retry", lambda at: _retry(at)),
     "breaker": ("breaker", lambda at: BreakerConfig(**_section(at, _BREAKER))),
     "rate_limit": ("rate_limit", lambda at: _rate_limit(at)),
+    "cache": ("cache", _route_cache),
 }
 _UPSTREAM: _Schema = {
     "host_header": ("host_header", _At.authority),
@@ -609,10 +649,24 @@ class _Builder:
 
     def config(self, root: _At) -> Config:
         found = root.fields(
-            ("listeners", "upstreams", "drain", "redis", "admin", "access_log", "workers", "telemetry"),
+            (
+                "listeners",
+                "upstreams",
+                "drain",
+                "redis",
+                "admin",
+                "access_log",
+                "workers",
+                "telemetry",
+                "cache",
+            ),
             ("listeners",),
         )
         redis = RedisConfig(**_section(found.get("redis"), _REDIS))
+        cache = CacheStoreConfig(**_section(found.get("cache"), _CACHE_STORE))
+        if cache.backend == "redis" and redis.url is None:
+            backend = found["cache"].fields(tuple(_CACHE_STORE))["backend"]
+            raise backend.error("the cache backend is redis but the config has no redis.url")
         # A config of tcp listeners only needs no upstreams section (relays name their addresses).
         upstreams_at = found.get("upstreams")
         if upstreams_at is None:
@@ -639,7 +693,16 @@ class _Builder:
         workers = found["workers"].count() if "workers" in found else 1
         telemetry = TelemetryConfig(**_section(found.get("telemetry"), _TELEMETRY))
         return Config(
-            listeners, self._upstreams, drain, root.source, redis, admin, access_log, workers, telemetry
+            listeners,
+            self._upstreams,
+            drain,
+            root.source,
+            redis,
+            admin,
+            access_log,
+            workers,
+            telemetry,
+            cache,
         )
 
     def _admin(self, at: _At | None) -> AdminConfig:
@@ -747,6 +810,7 @@ class _Builder:
                 "retry",
                 "breaker",
                 "rate_limit",
+                "cache",
             ),
             ("upstream",),
             policies=True,

@@ -252,7 +252,7 @@ ERRORS = {
         stats: {listen: 127.0.0.1:9902}
         """,
         "ambassador.yaml:3: stats: unknown key "
-        "(expected one of: listeners, upstreams, drain, redis, admin, access_log, workers, telemetry)",
+        "(expected one of: listeners, upstreams, drain, redis, admin, access_log, workers, telemetry, cache)",
     ),
     "bad access log format": (
         """\
@@ -445,7 +445,7 @@ ERRORS = {
         """,
         "ambassador.yaml:3: listeners[0].protocol: expected one of: http, tcp",
     ),
-    "reserved key on a route": (
+    "unknown cache key on a route": (
         """\
         listeners:
           - listen: 127.0.0.1:8000
@@ -454,7 +454,10 @@ ERRORS = {
                 cache: {ttl: 3s}
         upstreams: {api: {url: "http://127.0.0.1:9000"}}
         """,
-        "ambassador.yaml:5: listeners[0].routes[0].cache: cache is not implemented in this version yet",
+        "ambassador.yaml:5: listeners[0].routes[0].cache.ttl: unknown key (expected one of: enabled, "
+        "default_ttl, max_ttl, key_headers, partition_by_credential, stale_while_revalidate, "
+        "stale_if_error, heuristic, store_set_cookie, respect_client_no_cache, max_object_size, "
+        "coalesce_wait)",
     ),
     "unknown retry key": (
         """\

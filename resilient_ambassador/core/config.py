@@ -214,6 +214,36 @@ class UpstreamConfig:
 
 @final
 @dataclass(frozen=True, slots=True)
+class RouteCacheConfig:
+    """The response cache for one route (RFC 9111 shared cache; docs/resilience.md)."""
+
+    enabled: bool = False
+    # For responses without freshness information (no max-age, s-maxage or Expires) whose
+    # status is cacheable by default; None: such responses are only kept for stale serving.
+    default_ttl_s: float | None = None
+    max_ttl_s: float | None = None  # caps every freshness lifetime, the upstream's included
+    key_headers: tuple[str, ...] = ()  # lower-case request headers whose values join the key
+    # Entries are keyed by a hash of the injected credential, so pods with different keys
+    # never share them; only matters when the upstream injects a secret.
+    partition_by_credential: bool = True
+    # Windows used when the response does not set its own (RFC 5861 directives win).
+    stale_while_revalidate_s: float = 0.0
+    stale_if_error_s: float = 0.0
+    heuristic: bool = False  # RFC 9111 4.2.2 heuristic freshness (10% of Last-Modified age)
+    store_set_cookie: bool = False  # nginx and Varnish do not store responses that set cookies
+    # A client's `Cache-Control: no-cache` / `max-age=0` forces a revalidation only when this is
+    # on. Off by default, as in nginx and Varnish: some HTTP clients send it on every request,
+    # which would spend the upstream quota the cache is there to save.
+    respect_client_no_cache: bool = False
+    # Larger responses stream through and are not stored (never buffered whole).
+    max_object_bytes: int = 1 * MiB
+    # How long concurrent misses for one key wait for the one request in flight (nginx's
+    # proxy_cache_lock_timeout is 5 s); then they go upstream themselves.
+    coalesce_wait_s: float = 5.0
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     upstream: str
     name: str = ""
@@ -232,6 +262,7 @@ class RouteConfig:
     # None: ignored and stripped. Only for trusted clients.
     deadline_header: str | None = None
     rate_limit: RateLimitConfig | None = None  # None: no limit
+    cache: RouteCacheConfig = field(default_factory=RouteCacheConfig)
 
 
 @final
@@ -345,6 +376,20 @@ class TelemetryConfig:
 
 @final
 @dataclass(frozen=True, slots=True)
+class CacheStoreConfig:
+    """Where cached responses live: this process (`memory`) or a Redis shared by every pod
+    (`redis`, with an in-process near-cache in front)."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    max_bytes: int = 64 * MiB  # memory backend: LRU bound on bodies plus headers
+    near_cache_bytes: int = 16 * MiB  # redis backend: the in-process copy in front of Redis
+    # A near-cache copy is served without asking Redis for at most this long (and never past
+    # its freshness), so a purge or an update on another pod shows up within it.
+    near_cache_ttl_s: float = 1.0
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     upstreams: dict[str, UpstreamConfig]
@@ -356,3 +401,4 @@ class Config:
     # Processes serving the same ports (SO_REUSEPORT); state in memory is per process.
     workers: int = 1
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    cache: CacheStoreConfig = field(default_factory=CacheStoreConfig)

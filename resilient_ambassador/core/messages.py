@@ -108,6 +108,9 @@ class Request:
     # forge): what rate limits keyed by client use.
     client_ip: bytes = b""
     outcome: Outcome = field(default_factory=Outcome)
+    # Set by the cache when a stale copy will answer if this request fails (stale-if-error):
+    # the failure is then not retried, so the upstream is not asked again.
+    stale_fallback: bool = False
 
     @property
     def path(self) -> bytes:

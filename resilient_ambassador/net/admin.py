@@ -1,18 +1,20 @@
-"""The admin listener: a small h11 server for /healthz, /readyz, /stats, /config and /metrics.
+"""The admin listener: a small h11 server for /healthz, /readyz, /stats, /config, /metrics and
+the cache purge (`POST /cache/purge?url=/path` or `?prefix=/path/`, or the same as a JSON body).
 
 It never forwards anything: every answer is built from the callbacks the app hands it. It is
 deliberately stingy, since it shares the process with the data path: one request per
 connection (`Connection: close`), a small head limit, one short deadline for the whole
-exchange, GET and HEAD only, and a cap on concurrent connections.
+exchange, GET and HEAD only (POST for the purge), and a cap on concurrent connections.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from typing import Literal, final
+from urllib.parse import parse_qsl
 
 import h11
 import trio
@@ -36,6 +38,10 @@ LINGER_BYTES = 64 * 1024
 
 Readiness = Literal["starting", "ready", "draining"]
 Document = Callable[[], Mapping[str, object]]
+# (target, is_prefix) -> (status, document)
+Purge = Callable[[bytes, bool], Awaitable[tuple[int, Mapping[str, object]]]]
+PURGE_PATH = b"/cache/purge"
+MAX_PURGE_BODY_BYTES = 8 * 1024
 
 
 # The Prometheus text exposition format, version 0.0.4 (what prometheus_client writes).
@@ -54,11 +60,13 @@ class AdminServer:
         stats: Document,
         config: Document,
         metrics: Callable[[], bytes] | None = None,
+        purge: Purge | None = None,
     ) -> None:
         self._readiness = readiness
         self._stats = stats
         self._config = config
         self._metrics = metrics
+        self._purge = purge
         self.open_connections = 0
 
     async def handle_connection(self, stream: trio.SocketStream) -> None:
@@ -112,7 +120,10 @@ class AdminServer:
             return
         if request is None:
             return
-        status, headers, body = self.answer(request.method, request.target)
+        if request.method == b"POST" and request.target.split(b"?", 1)[0] == PURGE_PATH:
+            status, headers, body = await self._purge_answer(conn, stream, request)
+        else:
+            status, headers, body = self.answer(request.method, request.target)
         out = conn.send(
             h11.Response(
                 status_code=status,
@@ -125,6 +136,61 @@ class AdminServer:
         out += conn.send(h11.EndOfMessage())
         await _send(stream, out)
         await linger_close(stream, LINGER_S, LINGER_BYTES)
+
+    async def _purge_answer(
+        self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request
+    ) -> tuple[int, Headers, bytes]:
+        if self._purge is None:
+            return _error(404, "not_found", "the cache is off")
+        _, _, query = bytes(request.target).partition(b"?")
+        params: dict[str, object] = dict(parse_qsl(query.decode("latin-1")))
+        body = await _read_body(conn, stream)
+        if body is None:
+            return _error(413, "body_too_large", "purge requests are small JSON documents")
+        if body.strip():
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                doc = None
+            if not isinstance(doc, dict):
+                return _error(400, "bad_request", 'expected a JSON object like {"prefix": "/v1/"}')
+            params.update(doc)
+        url, prefix = params.get("url"), params.get("prefix")
+        value = url if prefix is None else prefix
+        if (url is None) == (prefix is None) or not isinstance(value, str) or not value.startswith("/"):
+            return _error(400, "bad_request", "give exactly one of url or prefix, a path starting with /")
+        try:
+            target = value.encode("latin-1")
+        except UnicodeEncodeError:
+            return _error(400, "bad_request", "the path must be percent-encoded")
+        status, doc = await self._purge(target, prefix is not None)
+        out = _json(doc)
+        return status, out[1], out[2]
+
+
+async def _read_body(conn: h11.Connection, stream: trio.SocketStream) -> bytes | None:
+    """A small request body (None when over the limit or the client went away)."""
+    body = bytearray()
+    while True:
+        try:
+            event = conn.next_event()
+        except h11.RemoteProtocolError:
+            return None
+        if event is h11.NEED_DATA:
+            try:
+                data = await stream.receive_some(RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return None
+            if not data:
+                return None
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Data):
+            body += event.data
+            if len(body) > MAX_PURGE_BODY_BYTES:
+                return None
+            continue
+        return bytes(body)
 
 
 async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:

@@ -81,7 +81,9 @@ class RetryStage:
         self._budget.record_request(trio.current_time())
         request, timeout_s = self._take_deadline(request)
         max_retries = 0
-        if config.retries > 0 and request.method in self._methods:
+        # With a stale copy to fall back on (the cache's stale-if-error), a failure is answered
+        # from the cache at once instead of asking the upstream again.
+        if config.retries > 0 and request.method in self._methods and not request.stale_fallback:
             body, replayable = await buffer_body(request.body, config.buffer_body_bytes)
             if body is not request.body:
                 request = dataclasses.replace(request, body=body)
