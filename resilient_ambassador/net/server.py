@@ -80,13 +80,15 @@ def error_headers(error: ProxyError, body: bytes) -> Headers:
     return headers
 
 
-def error_response(error: ProxyError) -> Response:
-    """The daemon's own answer: a short JSON body and a reason header, never header values."""
+def error_response(error: ProxyError, *, head: bool = False) -> Response:
+    """The daemon's own answer: a short JSON body and a reason header, never header values.
+    `head`: the answer to a HEAD request, with the same headers and no content (RFC 9110
+    9.3.2); h11 refuses to send content there, which would abort the connection instead."""
     body = error.body()
     return Response(
         status=error.status,
         headers=error_headers(error, body),
-        body=BufferedBody(body),
+        body=EMPTY_BODY if head else BufferedBody(body),
         reason=HTTPStatus(error.status).phrase.encode(),
     )
 
@@ -235,7 +237,7 @@ class DownstreamBody:
 class ClientConnection:
     """One downstream connection: a loop of read head -> route -> forward -> respond."""
 
-    __slots__ = ("buffer", "h11", "limits", "peer_ip", "requests_served", "server", "stream")
+    __slots__ = ("buffer", "h11", "head_method", "limits", "peer_ip", "requests_served", "server", "stream")
 
     def __init__(self, server: HttpServer, stream: trio.SocketStream) -> None:
         self.server = server
@@ -244,6 +246,9 @@ class ClientConnection:
         self.h11 = h11.Connection(h11.SERVER)
         self.buffer = bytearray()  # raw head bytes, scanned before h11 sees them
         self.requests_served = 0
+        # The method of the head being answered, read from the raw bytes: a request h11
+        # rejects still gets a bodiless answer if it was a HEAD.
+        self.head_method = b""
         try:
             self.peer_ip = str(stream.socket.getpeername()[0]).encode()
         except OSError:
@@ -286,12 +291,14 @@ class ClientConnection:
         """The next request head, validated; None when the client closed or went idle."""
         limits = self.limits
         buffer = self.buffer
+        self.head_method = b""
         first_request = self.requests_served == 0
         idle_timeout = limits.header_read_timeout_s if first_request else limits.keepalive_timeout_s
         deadline = trio.current_time() + idle_timeout
         while True:
             if buffer:
                 if scan_request_head(buffer, limits).complete:
+                    self.head_method = bytes(buffer[:5])
                     self.h11.receive_data(bytes(buffer))
                     buffer.clear()
                     break
@@ -395,7 +402,10 @@ class ClientConnection:
                 self._log_error(event, exc)
                 status, reason = exc.status, exc.reason
                 # An unread request body cannot be skipped safely: say we close.
-                sent = await self._respond(error_response(exc), close=self.h11.their_state is not h11.DONE)
+                sent = await self._respond(
+                    error_response(exc, head=event.method == b"HEAD"),
+                    close=self.h11.their_state is not h11.DONE,
+                )
                 completed = True
                 return self._reusable()
             try:
@@ -404,7 +414,7 @@ class ClientConnection:
                 raise
             except ProxyError as exc:
                 self._log_error(event, exc, route.config.upstream)
-                response = error_response(exc)
+                response = error_response(exc, head=event.method == b"HEAD")
                 reason = exc.reason
             status = response.status
             sent = await self._respond(response, close=self.h11.their_state is not h11.DONE)
@@ -524,12 +534,13 @@ class ClientConnection:
             return
         body = error.body()
         # Written by hand: h11 refuses to answer from IDLE, where our raw-head checks fail.
+        content = b"" if self.head_method == b"HEAD " else body
         head = [b"HTTP/1.1 %d %s" % (error.status, HTTPStatus(error.status).phrase.encode())]
         head.extend(name + b": " + value for name, value in error_headers(error, body))
         head.append(b"connection: close")
         self.server.count_response(error.status)
         try:
-            await self.send(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            await self.send(b"\r\n".join(head) + b"\r\n\r\n" + content)
         except ClientGone:
             return
         await self._linger()
