@@ -105,6 +105,7 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
         "ready",
         "draining",
         "uptime_s",
+        "tasks",
         "listeners",
         "upstreams",
         "breakers",
@@ -118,6 +119,7 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
     assert (before["pid"], before["worker"]) == (os.getpid(), None)
     assert set(before["access_log"]) == {"lines", "dropped", "write_errors"}
     assert before["uptime_s"] >= 0
+    assert before["tasks"] > 0
     assert before["listeners"]["main"] == {
         "open_connections": 0,
         "requests": 0,
