@@ -55,7 +55,12 @@ LINGER_BYTES = 256 * 1024
 
 
 class ClientGone(Exception):
-    """The client closed or reset the connection; nothing can be sent to it."""
+    """The client closed or reset the connection; nothing can be sent to it. `reason`: why we
+    cut it ourselves (a response that failed mid-body), for the access log."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @final
@@ -425,6 +430,9 @@ class ClientConnection:
             status = status or exc.status
             reason = exc.reason
             raise
+        except ClientGone as exc:
+            reason = reason or exc.reason  # a body cut short by the upstream is logged as such
+            raise
         finally:
             if self.server.access_log is not None:
                 self._record(event, started, status, sent, reason, route, request, aborted=not completed)
@@ -494,13 +502,24 @@ class ClientConnection:
                 await self.send(out + h.send(h11.EndOfMessage()))
                 return sent
             except ProxyError as exc:
-                log.warning("aborting response to client: %s", exc.message)
-                raise ClientGone() from None
+                self._log_abort(exc.reason, exc.message)
+                raise ClientGone(exc.reason) from None
             except h11.LocalProtocolError as exc:
-                log.warning("aborting response to client: %s", exc)
-                raise ClientGone() from None
+                self._log_abort("response_aborted", str(exc))
+                raise ClientGone("response_aborted") from None
         finally:
             response.release()
+
+    def _log_abort(self, reason: str, message: str) -> None:
+        # Throttled like every per-request warning: an upstream resetting mid-body at 1,000
+        # req/s must not write 1,000 lines a second.
+        suppressed = self.server.log_throttle.allow(("abort", reason), trio.current_time())
+        if suppressed is not None:
+            log.warning(
+                "aborting response to client: %s%s",
+                message,
+                f" (+{suppressed} more like it)" if suppressed else "",
+            )
 
     async def send(self, data: bytes) -> None:
         if not data:

@@ -9,13 +9,22 @@ and what becomes of the upstream connection afterwards.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import socket
+from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from resilient_ambassador.core.config import BreakerConfig, RetryConfig, RouteConfig, UpstreamTimeouts
+from resilient_ambassador.core.config import (
+    AccessLogConfig,
+    BreakerConfig,
+    RetryConfig,
+    RouteConfig,
+    UpstreamTimeouts,
+)
 from resilient_ambassador.stages.breaker import BreakerStage
 from tests.support.client import RawConnection, http_request, parse_responses
 from tests.support.daemon import RunningDaemon, simple_config, start_daemon, upstream_config
@@ -181,6 +190,31 @@ async def test_reset_mid_chunked_body_aborts_never_retries(nursery: trio.Nursery
     assert daemon.app.pools["up"].idle_count == 0
     proxy.clear()
     assert (await http_request(daemon.port)).status == 200  # and the daemon carries on
+
+
+async def test_mid_body_resets_are_logged_with_their_reason_and_throttled(
+    nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream = await start_fake_upstream(nursery, default=Reply(body=b"x" * 50_000, reset_after_head=True))
+    config = dataclasses.replace(
+        simple_config(upstream_config(upstream.url())),
+        access_log=AccessLogConfig(path=str(tmp_path / "a.log")),
+    )
+    daemon = await start_daemon(nursery, config)
+    caplog.set_level("WARNING", logger="resilient_ambassador")
+
+    for _ in range(5):
+        async with await RawConnection.connect(daemon.port) as conn:
+            await conn.send(GET)
+            assert (await conn.receive_until_closed()).ending in ("eof", "reset")
+
+    assert daemon.app.access_log is not None
+    await daemon.app.access_log.flush()
+    entries = [json.loads(line) for line in (tmp_path / "a.log").read_text().splitlines()]
+    assert [(e["status"], e["aborted"], e["reason"]) for e in entries] == [
+        (200, True, "upstream_bad_response")
+    ] * 5
+    assert caplog.text.count("aborting response to client") == 1  # one line a second, not one each
 
 
 # -- garbage -----------------------------------------------------------------------------------
