@@ -302,8 +302,8 @@ class ClientConnection:
         deadline = trio.current_time() + idle_timeout
         while True:
             if buffer:
+                self.head_method = bytes(buffer[:5])  # before the scan, which may reject the head
                 if scan_request_head(buffer, limits).complete:
-                    self.head_method = bytes(buffer[:5])
                     self.h11.receive_data(bytes(buffer))
                     buffer.clear()
                     break

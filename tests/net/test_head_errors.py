@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import trio
 
 from resilient_ambassador.core.config import RouteConfig
@@ -52,12 +53,20 @@ async def test_no_route_for_head_is_bodiless(nursery: trio.Nursery) -> None:
     assert upstream.connections_accepted == 0
 
 
-async def test_rejected_head_request_gets_a_bodiless_400(nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HEAD / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",  # rejected by h11
+        b"HEAD / HTTP/1.1\r\nHost: a\r\n folded: continuation\r\n\r\n",  # by our raw-head scan
+    ],
+    ids=["h11", "raw-scan"],
+)
+async def test_rejected_head_request_gets_a_bodiless_400(nursery: trio.Nursery, head: bytes) -> None:
     upstream = await start_fake_upstream(nursery)
     daemon = await start_daemon(nursery, simple_config(upstream_config(upstream.url())))
 
     async with await RawConnection.connect(daemon.port) as conn:
-        await conn.send(b"HEAD / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        await conn.send(head)
         read = await conn.receive_until_closed()
 
     assert parse_status(read.data) == 400
