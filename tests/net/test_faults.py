@@ -217,6 +217,23 @@ async def test_mid_body_resets_are_logged_with_their_reason_and_throttled(
     assert caplog.text.count("aborting response to client") == 1  # one line a second, not one each
 
 
+async def test_client_vanishing_mid_body_aborts_the_upstream_request_uncounted(nursery: trio.Nursery) -> None:
+    upstream = await start_fake_upstream(nursery)
+    breaker = BreakerConfig(failure_threshold=1, min_requests=0)
+    daemon = await start_daemon(nursery, simple_config(upstream_config(upstream.url(), breaker=breaker)))
+
+    async with await RawConnection.connect(daemon.port) as conn:
+        await conn.send(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+        # The body streams: the upstream has the head and the first bytes before we vanish.
+        await upstream.wait_until(lambda: sum(len(c.raw) for c in upstream.connections) > 1000)
+
+    await upstream.wait_until(lambda: all(c.closed for c in upstream.connections))
+    assert [r.complete for r in upstream.received] == [False]  # cut short, never completed
+    stats = _breaker(daemon).stats()
+    assert (stats.failures, stats.not_counted, stats.state) == (0, 1, "closed")  # not the upstream's fault
+    assert (await http_request(daemon.port)).status == 200
+
+
 # -- garbage -----------------------------------------------------------------------------------
 
 

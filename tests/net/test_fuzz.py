@@ -496,7 +496,7 @@ def test_grammar_makes_both_valid_and_hostile_requests() -> None:
     """The grammar is not all noise: h11 accepts some of what it makes, and rejects some."""
     accepted = rejected = 0
 
-    @settings(max_examples=200, derandomize=True, database=None)
+    @settings(max_examples=100, derandomize=True, database=None)
     @given(data=request_bytes())
     def count(data: bytes) -> None:
         nonlocal accepted, rejected
