@@ -21,6 +21,7 @@ import trio.testing
 from resilient_ambassador.core.config import (
     AccessLogConfig,
     BreakerConfig,
+    ClientLimits,
     RetryConfig,
     RouteConfig,
     UpstreamTimeouts,
@@ -232,6 +233,25 @@ async def test_client_vanishing_mid_body_aborts_the_upstream_request_uncounted(n
     stats = _breaker(daemon).stats()
     assert (stats.failures, stats.not_counted, stats.state) == (0, 1, "closed")  # not the upstream's fault
     assert (await http_request(daemon.port)).status == 200
+
+
+async def test_client_that_stops_reading_is_dropped_at_send_timeout(nursery: trio.Nursery) -> None:
+    # 32 MiB streamed in 64 KiB chunks: far more than the socket buffers on the way can hold.
+    upstream = await start_fake_upstream(nursery, default=Reply(body=[b"x" * 65536] * 512))
+    limits = ClientLimits(send_timeout_s=0.1)
+    daemon = await start_daemon(nursery, simple_config(upstream_config(upstream.url()), limits=limits))
+
+    async with await RawConnection.connect(daemon.port) as conn:
+        conn.stream.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a zero window soon
+        await conn.send(GET)
+        with trio.fail_after(5):
+            # The daemon gives up on us and, with us, on the upstream response it was streaming.
+            await upstream.wait_until(lambda: all(c.closed for c in upstream.connections))
+            while daemon.app.servers[0].open_connections:  # noqa: ASYNC110
+                await trio.sleep(0.01)
+
+    assert daemon.app.pools["up"].idle_count == 0  # a half-read response is never pooled
+    assert (await http_request(daemon.port, timeout_s=5)).status == 200
 
 
 # -- garbage -----------------------------------------------------------------------------------
