@@ -307,6 +307,7 @@ class Harness:
         text = await trio.Path(self.access_log).read_text()
         assert text.count("\n") >= self.examples  # a line per health check at least
         assert CANARY not in text
+        print(f"fuzz: {self.examples} examples through one daemon")  # seen with -s (deep runs)
 
     async def healthy(self) -> None:
         """The daemon still answers a normal request, and has logged nothing at ERROR."""
