@@ -1,5 +1,6 @@
 """Hypothesis fuzzing through the real daemon: hostile request bytes (split at arbitrary points)
-on the client side, hostile response bytes on the upstream side.
+on the client side, hostile response bytes on the upstream side, delivered through the fault
+proxy (tests/support/fault_proxy.py) which may also reset, close or drip them.
 
 Properties, for every example: no unhandled exception in the daemon (nothing logged at ERROR,
 no exception escapes a connection), the daemon still answers a normal request afterwards, the
@@ -43,6 +44,7 @@ from resilient_ambassador.core.templates import Template, TemplatePart
 from resilient_ambassador.secrets import SecretResolver
 from tests.support.client import RawConnection, http_request, parse_responses
 from tests.support.daemon import RunningDaemon, simple_config, start_daemon, upstream_config
+from tests.support.fault_proxy import FaultProxy, start_fault_proxy
 from tests.support.upstream import FakeUpstream, Reply, start_fake_upstream
 
 settings.register_profile(
@@ -295,6 +297,7 @@ def response_bytes(draw: st.DrawFn) -> UpstreamAnswer:
 class Harness:
     daemon: RunningDaemon
     upstream: FakeUpstream
+    proxy: FaultProxy  # between the daemon and the upstream: faults on the wire
     access_log: Path
     errors: list[logging.LogRecord] = field(default_factory=list)
     examples: int = 0
@@ -311,6 +314,7 @@ class Harness:
 
     async def healthy(self) -> None:
         """The daemon still answers a normal request, and has logged nothing at ERROR."""
+        self.proxy.clear()
         self.upstream.default = Reply(body=b"healthy")
         with trio.fail_after(5):
             response = await http_request(self.daemon.port, "GET", "/health-check")
@@ -369,10 +373,11 @@ def _catch_errors(sink: list[logging.LogRecord]) -> Iterator[None]:
 
 async def _harness(nursery: trio.Nursery, log_dir: Path, *, route: RouteConfig | None = None) -> Harness:
     upstream = await start_fake_upstream(nursery)
+    proxy = await start_fault_proxy(nursery, "127.0.0.1", upstream.port)
     secret = Template(parts=(TemplatePart("env", "API_KEY"),), source="${API_KEY}")
     config = simple_config(
         upstream_config(
-            upstream.url(),
+            proxy.url(),
             headers=(("X-Api-Key", secret),),
             timeouts=UpstreamTimeouts(connect_s=1.0, response_s=0.3, read_idle_s=0.3),
         ),
@@ -382,7 +387,7 @@ async def _harness(nursery: trio.Nursery, log_dir: Path, *, route: RouteConfig |
     )
     config = dataclasses.replace(config, access_log=AccessLogConfig(path=str(log_dir / "access.log")))
     daemon = await start_daemon(nursery, config, SecretResolver(environ={"API_KEY": CANARY}))
-    return Harness(daemon=daemon, upstream=upstream, access_log=log_dir / "access.log")
+    return Harness(daemon=daemon, upstream=upstream, proxy=proxy, access_log=log_dir / "access.log")
 
 
 async def _exchange(port: int, pieces: list[bytes], *, abort: bool = False) -> bytes:
@@ -447,12 +452,6 @@ async def test_fuzz_requests_from_the_client(nursery: trio.Nursery, tmp_path: Pa
 
     await trio.to_thread.run_sync(_run_in_thread(harness, fuzz))
     await harness.finish()
-    print(
-        "STAT",
-        harness.examples,
-        len(harness.upstream.received),
-        sum(r.complete for r in harness.upstream.received),
-    )
 
 
 async def test_fuzz_responses_from_the_upstream(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -464,10 +463,14 @@ async def test_fuzz_responses_from_the_upstream(nursery: trio.Nursery, tmp_path:
         answer=response_bytes(),
         method=st.sampled_from([b"GET", b"HEAD", b"POST"]),
         points=st.lists(st.integers(0, 400), max_size=3),
+        wire=st.one_of(
+            st.none(), st.tuples(st.sampled_from(["reset", "limit", "slice"]), st.integers(0, 400))
+        ),
     )
-    def fuzz(answer: UpstreamAnswer, method: bytes, points: list[int]) -> None:
+    def fuzz(answer: UpstreamAnswer, method: bytes, points: list[int], wire: tuple[str, int] | None) -> None:
         async def example() -> None:
             harness.upstream.default = Reply(raw=answer.raw, close_after=answer.close_after)
+            _wire_fault(harness.proxy, wire)
             body = b"Content-Length: 3\r\n\r\nabc" if method == b"POST" else b"\r\n"
             request = method + b" /fuzz HTTP/1.1\r\nHost: a\r\n" + body
             got = await _exchange(harness.daemon.port, split(request, points))
@@ -480,12 +483,20 @@ async def test_fuzz_responses_from_the_upstream(nursery: trio.Nursery, tmp_path:
 
     await trio.to_thread.run_sync(_run_in_thread(harness, fuzz))
     await harness.finish()
-    print(
-        "STAT",
-        harness.examples,
-        len(harness.upstream.received),
-        sum(r.complete for r in harness.upstream.received),
-    )
+
+
+def _wire_fault(proxy: FaultProxy, wire: tuple[str, int] | None) -> None:
+    """The response bytes cut (RST or FIN) after `at` bytes on the connection, or dripped in
+    slices of a few bytes."""
+    if wire is None:
+        return
+    kind, at = wire
+    if kind == "reset":
+        proxy.downstream.reset_after_bytes = at
+    elif kind == "limit":
+        proxy.downstream.limit_bytes = at
+    else:
+        proxy.downstream.slice_bytes = at % 16 + 1
 
 
 def test_split_cuts_at_every_point() -> None:
