@@ -235,6 +235,9 @@ class DownstreamBody:
                     raise ClientError(413, "body_too_large", "request body too large")
                 return bytes(event.data)
             if isinstance(event, h11.EndOfMessage):
+                if len(event.headers) > client.limits.max_header_count:
+                    # Trailers are never forwarded, but h11 parses them all: cap them like headers.
+                    raise ClientError(431, "headers_too_large", "too many trailer fields")
                 self.done = True
                 raise StopAsyncIteration
             raise ClientGone()

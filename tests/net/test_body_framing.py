@@ -1,5 +1,5 @@
 """Request body framing rows of HARDENING.md not pinned in test_hostile_input: duplicate
-lengths, HTTP/1.0 with chunking, a chunk size past any limit, and an upstream
+lengths, HTTP/1.0 with chunking, a chunk size past any limit, trailer floods, and an upstream
 that sends bytes after its body."""
 
 from __future__ import annotations
@@ -64,6 +64,27 @@ async def test_chunks_within_the_limit_still_stream(nursery: trio.Nursery) -> No
 
     assert (parse_status(read.data), read.ending) == (200, "eof")
     assert len(upstream.received[0].body) == 0x10000
+
+
+async def test_thousands_of_trailer_fields_are_431(nursery: trio.Nursery) -> None:
+    upstream, daemon = await _start(nursery)
+    trailers = b"".join(b"T-%d: v\r\n" % i for i in range(1000))
+
+    read = await _send(daemon, CHUNKED + b"3\r\nabc\r\n0\r\n" + trailers + b"\r\n")
+
+    assert parse_status(read.data) == 431
+    assert b"\r\nconnection: close\r\n" in read.data.lower()
+    await upstream.wait_until(lambda: all(c.closed for c in upstream.connections))
+    assert all(r.complete is False for r in upstream.received)
+
+
+async def test_a_few_trailers_are_accepted_and_not_forwarded(nursery: trio.Nursery) -> None:
+    upstream, daemon = await _start(nursery)
+
+    read = await _send(daemon, CHUNKED + b"3\r\nabc\r\n0\r\nX-Checksum: 1\r\n\r\n")
+
+    assert parse_status(read.data) == 200
+    assert b"X-Checksum" not in upstream.received[0].raw
 
 
 async def test_bytes_after_the_response_body_discard_the_connection(nursery: trio.Nursery) -> None:
