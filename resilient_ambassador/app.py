@@ -779,6 +779,8 @@ class App:
             "ready": self.readiness() == "ready",
             "draining": self.draining,
             "uptime_s": round(now - self._started_at, 3) if self._started_at is not None else 0.0,
+            # Every live trio task of the process: back to its baseline when idle, or tasks leak.
+            "tasks": trio.lowlevel.current_statistics().tasks_living,
             "listeners": listeners,
             "upstreams": upstreams,
             "breakers": breakers,

@@ -66,7 +66,12 @@ LINGER_BYTES = 256 * 1024
 
 
 class ClientGone(Exception):
-    """The client closed or reset the connection; nothing can be sent to it."""
+    """The client closed or reset the connection; nothing can be sent to it. `reason`: why we
+    cut it ourselves (a response that failed mid-body), for the access log."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @final
@@ -92,13 +97,15 @@ def error_headers(error: ProxyError, body: bytes) -> Headers:
     return headers
 
 
-def error_response(error: ProxyError) -> Response:
-    """The daemon's own answer: a short JSON body and a reason header, never header values."""
+def error_response(error: ProxyError, *, head: bool = False) -> Response:
+    """The daemon's own answer: a short JSON body and a reason header, never header values.
+    `head`: the answer to a HEAD request, with the same headers and no content (RFC 9110
+    9.3.2); h11 refuses to send content there, which would abort the connection instead."""
     body = error.body()
     return Response(
         status=error.status,
         headers=error_headers(error, body),
-        body=BufferedBody(body),
+        body=EMPTY_BODY if head else BufferedBody(body),
         reason=HTTPStatus(error.status).phrase.encode(),
     )
 
@@ -234,20 +241,33 @@ class DownstreamBody:
                 continue
             if isinstance(event, h11.Data):
                 self._received += len(event.data)
-                if self._received > self._limit:
+                # A chunk counts at its declared size: one claiming 2**64 bytes is refused now,
+                # not after a megabyte has been streamed upstream or the body timeout.
+                if self._received + _declared_chunk_left(h) > self._limit:
                     raise ClientError(413, "body_too_large", "request body too large")
                 return bytes(event.data)
             if isinstance(event, h11.EndOfMessage):
+                if len(event.headers) > client.limits.max_header_count:
+                    # Trailers are never forwarded, but h11 parses them all: cap them like headers.
+                    raise ClientError(431, "headers_too_large", "too many trailer fields")
                 self.done = True
                 raise StopAsyncIteration
             raise ClientGone()
+
+
+def _declared_chunk_left(h: h11.Connection) -> int:
+    """Bytes of the current chunk still to come, as its size line declared them (0 for a
+    Content-Length body). h11 keeps this private (`ChunkedReader._bytes_in_chunk`);
+    tests/net/test_body_framing.py fails if that ever changes."""
+    left = getattr(getattr(h, "_reader", None), "_bytes_in_chunk", 0)
+    return left if isinstance(left, int) else 0
 
 
 @final
 class ClientConnection:
     """One downstream connection: a loop of read head -> route -> forward -> respond."""
 
-    __slots__ = ("buffer", "h11", "limits", "peer_ip", "requests_served", "server", "stream")
+    __slots__ = ("buffer", "h11", "head_method", "limits", "peer_ip", "requests_served", "server", "stream")
 
     def __init__(self, server: HttpServer, stream: trio.SocketStream) -> None:
         self.server = server
@@ -256,6 +276,9 @@ class ClientConnection:
         self.h11 = h11.Connection(h11.SERVER)
         self.buffer = bytearray()  # raw head bytes, scanned before h11 sees them
         self.requests_served = 0
+        # The method of the head being answered, read from the raw bytes: a request h11
+        # rejects still gets a bodiless answer if it was a HEAD.
+        self.head_method = b""
         try:
             self.peer_ip = str(stream.socket.getpeername()[0]).encode()
         except OSError:
@@ -298,11 +321,13 @@ class ClientConnection:
         """The next request head, validated; None when the client closed or went idle."""
         limits = self.limits
         buffer = self.buffer
+        self.head_method = b""
         first_request = self.requests_served == 0
         idle_timeout = limits.header_read_timeout_s if first_request else limits.keepalive_timeout_s
         deadline = trio.current_time() + idle_timeout
         while True:
             if buffer:
+                self.head_method = bytes(buffer[:5])  # before the scan, which may reject the head
                 if scan_request_head(buffer, limits).complete:
                     self.h11.receive_data(bytes(buffer))
                     buffer.clear()
@@ -410,7 +435,10 @@ class ClientConnection:
                 self._log_error(event, exc)
                 status, reason = exc.status, exc.reason
                 # An unread request body cannot be skipped safely: say we close.
-                sent = await self._respond(error_response(exc), close=self.h11.their_state is not h11.DONE)
+                sent = await self._respond(
+                    error_response(exc, head=event.method == b"HEAD"),
+                    close=self.h11.their_state is not h11.DONE,
+                )
                 completed = True
                 return self._reusable()
             try:
@@ -419,7 +447,7 @@ class ClientConnection:
                 raise
             except ProxyError as exc:
                 self._log_error(event, exc, route.config.upstream)
-                response = error_response(exc)
+                response = error_response(exc, head=event.method == b"HEAD")
                 reason = exc.reason
             status = response.status
             sent = await self._respond(response, close=self.h11.their_state is not h11.DONE)
@@ -429,6 +457,9 @@ class ClientConnection:
             # Answered by `run` (unless a response is already under way).
             status = status or exc.status
             reason = exc.reason
+            raise
+        except ClientGone as exc:
+            reason = reason or exc.reason  # a body cut short by the upstream is logged as such
             raise
         finally:
             if self.server.access_log is not None:
@@ -499,13 +530,24 @@ class ClientConnection:
                 await self.send(out + h.send(h11.EndOfMessage()))
                 return sent
             except ProxyError as exc:
-                log.warning("aborting response to client: %s", exc.message)
-                raise ClientGone() from None
+                self._log_abort(exc.reason, exc.message)
+                raise ClientGone(exc.reason) from None
             except h11.LocalProtocolError as exc:
-                log.warning("aborting response to client: %s", exc)
-                raise ClientGone() from None
+                self._log_abort("response_aborted", str(exc))
+                raise ClientGone("response_aborted") from None
         finally:
             response.release()
+
+    def _log_abort(self, reason: str, message: str) -> None:
+        # Throttled like every per-request warning: an upstream resetting mid-body at 1,000
+        # req/s must not write 1,000 lines a second.
+        suppressed = self.server.log_throttle.allow(("abort", reason), trio.current_time())
+        if suppressed is not None:
+            log.warning(
+                "aborting response to client: %s%s",
+                message,
+                f" (+{suppressed} more like it)" if suppressed else "",
+            )
 
     async def send(self, data: bytes) -> None:
         if not data:
@@ -539,12 +581,13 @@ class ClientConnection:
             return
         body = error.body()
         # Written by hand: h11 refuses to answer from IDLE, where our raw-head checks fail.
+        content = b"" if self.head_method == b"HEAD " else body
         head = [b"HTTP/1.1 %d %s" % (error.status, HTTPStatus(error.status).phrase.encode())]
         head.extend(name + b": " + value for name, value in error_headers(error, body))
         head.append(b"connection: close")
         self.server.count_response(error.status)
         try:
-            await self.send(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            await self.send(b"\r\n".join(head) + b"\r\n\r\n" + content)
         except ClientGone:
             return
         await self._linger()

@@ -105,6 +105,7 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
         "ready",
         "draining",
         "uptime_s",
+        "tasks",
         "listeners",
         "upstreams",
         "breakers",
@@ -123,6 +124,7 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
     assert before["tcp_listeners"] == {}
     assert before["cache"] is None  # no route has the cache on
     assert before["uptime_s"] >= 0
+    assert before["tasks"] > 0
     assert before["listeners"]["main"] == {
         "open_connections": 0,
         "requests": 0,

@@ -200,7 +200,8 @@ class FakeUpstream:
         return f"https://{host or 'localhost'}:{self.port}"
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
-        """Return once `predicate()` holds; re-checked whenever a connection or request changes."""
+        """Return once `predicate()` holds; re-checked whenever a connection or request changes
+        and whenever bytes arrive."""
         while not predicate():
             changed = self._changed
             await changed.wait()
@@ -326,6 +327,8 @@ class FakeUpstream:
         conn.record.raw += data
         pending += data
         h.receive_data(bytes(data))
+        if data:
+            self._notify()  # so wait_until can watch bytes arrive (a body streaming in, say)
 
     async def _send(self, conn: _Connection, h: h11.Connection, *events: h11.Event) -> None:
         """Serialise `events` with h11 and write them in one send_all."""
