@@ -87,6 +87,38 @@ class RequestTelemetry:
         if not parent_ok:  # baggage without a trace is still the app's to pass on
             parent = W3CBaggagePropagator().extract(_carrier(headers), context=parent)
         request.headers = [(n, v) for n, v in headers if n not in TRACE_HEADERS]
+        error_type: str | None = None
+        token = context.attach(parent)
+        try:
+            # No attributes at the start (our samplers do not read them): an unsampled span is
+            # a cheap NonRecordingSpan, and the attributes are only built for recorded ones.
+            with tracer.start_as_current_span(
+                f"{method} {self._http_route}",
+                kind=SpanKind.SERVER,
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                span_context = span.get_span_context()
+                if span_context.is_valid:
+                    request.outcome.trace_id = format(span_context.trace_id, "032x")
+                if span.is_recording():
+                    span.set_attributes(self._attributes(request, method))
+                try:
+                    response = await self._inner(request)
+                    status = response.status
+                    return response
+                except ProxyError as exc:
+                    status = exc.status
+                    error_type = exc.reason
+                    raise
+                finally:
+                    if span.is_recording():
+                        self._annotate(span, request, status, error_type)
+                    self._record(request, method, status, trio.current_time() - started)
+        finally:
+            context.detach(token)
+
+    def _attributes(self, request: Request, method: str) -> dict[str, str | int]:
         path, _, query = request.target.partition(b"?")
         attributes: dict[str, str | int] = {
             http_attributes.HTTP_REQUEST_METHOD: method,
@@ -100,32 +132,7 @@ class RequestTelemetry:
         }
         if query:
             attributes[url_attributes.URL_QUERY] = redact_target(b"?" + query)[1:]
-        error_type: str | None = None
-        token = context.attach(parent)
-        try:
-            with tracer.start_as_current_span(
-                f"{method} {self._http_route}",
-                kind=SpanKind.SERVER,
-                attributes=attributes,
-                record_exception=False,
-                set_status_on_exception=False,
-            ) as span:
-                span_context = span.get_span_context()
-                if span_context.is_valid:
-                    request.outcome.trace_id = format(span_context.trace_id, "032x")
-                try:
-                    response = await self._inner(request)
-                    status = response.status
-                    return response
-                except ProxyError as exc:
-                    status = exc.status
-                    error_type = exc.reason
-                    raise
-                finally:
-                    self._annotate(span, request, status, error_type)
-                    self._record(request, method, status, trio.current_time() - started)
-        finally:
-            context.detach(token)
+        return attributes
 
     def _annotate(self, span: trace.Span, request: Request, status: int, error_type: str | None) -> None:
         outcome = request.outcome
@@ -200,22 +207,24 @@ class AttemptTelemetry:
                 response = await self._inner(request)
                 outcome = response.status
                 return response
-            attributes: dict[str, str | int] = {
-                http_attributes.HTTP_REQUEST_METHOD: method,
-                server_attributes.SERVER_ADDRESS: self._address,
-                server_attributes.SERVER_PORT: self._port,
-                url_attributes.URL_FULL: self._origin + redact_target(request.target),
-                "ambassador.upstream": self._upstream,
-            }
-            if resends:
-                attributes[http_attributes.HTTP_REQUEST_RESEND_COUNT] = resends
             with tracer.start_as_current_span(
                 method,
                 kind=SpanKind.CLIENT,
-                attributes=attributes,
                 record_exception=False,
                 set_status_on_exception=False,
             ) as span:
+                recording = span.is_recording()
+                if recording:
+                    attributes: dict[str, str | int] = {
+                        http_attributes.HTTP_REQUEST_METHOD: method,
+                        server_attributes.SERVER_ADDRESS: self._address,
+                        server_attributes.SERVER_PORT: self._port,
+                        url_attributes.URL_FULL: self._origin + redact_target(request.target),
+                        "ambassador.upstream": self._upstream,
+                    }
+                    if resends:
+                        attributes[http_attributes.HTTP_REQUEST_RESEND_COUNT] = resends
+                    span.set_attributes(attributes)
                 carrier: dict[str, str] = {}
                 PROPAGATOR.inject(carrier)
                 headers = [(n, v) for n, v in request.headers if n not in TRACE_HEADERS]
@@ -224,10 +233,13 @@ class AttemptTelemetry:
                     response = await self._inner(dataclasses.replace(request, headers=headers))
                 except ProxyError as exc:
                     outcome = exc.reason
-                    span.set_attribute(error_attributes.ERROR_TYPE, exc.reason)
-                    span.set_status(StatusCode.ERROR, exc.message)
+                    if recording:
+                        span.set_attribute(error_attributes.ERROR_TYPE, exc.reason)
+                        span.set_status(StatusCode.ERROR, exc.message)
                     raise
                 outcome = response.status
+                if not recording:
+                    return response
                 span.set_attribute(http_attributes.HTTP_RESPONSE_STATUS_CODE, response.status)
                 if response.status >= 500:
                     span.set_status(StatusCode.ERROR)

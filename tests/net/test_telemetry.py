@@ -17,6 +17,8 @@ from resilient_ambassador.core.config import (
     AccessLogConfig,
     BreakerConfig,
     RetryConfig,
+    RouteCacheConfig,
+    RouteConfig,
     TelemetryConfig,
 )
 from resilient_ambassador.core.templates import parse_template
@@ -206,3 +208,30 @@ async def test_spans_and_metrics_reach_an_otlp_collector(nursery: trio.Nursery) 
     }
     assert {"http.server.request.duration", "http.client.request.duration"} <= names
     assert daemon.app.telemetry is telemetry
+
+
+async def test_a_cache_hit_is_a_server_span_without_an_attempt(nursery: trio.Nursery) -> None:
+    upstream = await start_fake_upstream(
+        nursery, default=Reply(headers=(("cache-control", "max-age=60"),), body=b"cached")
+    )
+    route = RouteConfig(upstream="up", name="r", cache=RouteCacheConfig(enabled=True))
+    config = dataclasses.replace(
+        simple_config(upstream_config(upstream.url()), routes=[route]),
+        access_log=AccessLogConfig(enabled=False),
+    )
+    exporter = InMemorySpanExporter()
+    telemetry = Telemetry(TelemetryConfig(), {}, span_exporter=exporter)
+    daemon = await start_daemon(nursery, config, telemetry=telemetry)
+
+    await http_request(daemon.port, "GET", "/movies")
+    exporter.clear()
+    hit = await http_request(daemon.port, "GET", "/movies")
+    spans = exporter.get_finished_spans()
+
+    assert (hit.status, hit.body) == (200, b"cached")
+    assert len(upstream.received) == 1
+    assert [s.kind for s in spans] == [SpanKind.SERVER]
+    attributes = spans[0].attributes
+    assert attributes is not None
+    assert attributes["ambassador.cache.status"] == "hit"
+    assert attributes["ambassador.attempts"] == 0
