@@ -254,6 +254,34 @@ class App:
                 (telemetry.REDIS_SKIPPED, "skipped", "Redis calls skipped while it was unavailable"),
             ):
                 t.observe(name, "counter", "{call}", what, partial(_redis_counter, redis, attr))
+        t.observe(
+            telemetry.CACHE_EVENTS,
+            "counter",
+            "{event}",
+            "Cache events: stored, evicted, stale served, revalidated, collapsed, dropped writes, ...",
+            self._cache_events,
+        )
+        t.observe(
+            telemetry.CACHE_STORE_BYTES,
+            "updown",
+            "By",
+            "Bytes this process holds in the cache store (the near-cache with Redis)",
+            lambda: [] if self.cache_store is None else [(self.cache_store.stats.bytes, {})],
+        )
+        t.observe(
+            telemetry.CACHE_STORE_ENTRIES,
+            "updown",
+            "{entry}",
+            "Entries this process holds in the cache store",
+            lambda: [] if self.cache_store is None else [(self.cache_store.stats.entries, {})],
+        )
+        t.observe(
+            telemetry.RATE_LIMIT_FALLBACKS,
+            "counter",
+            "{decision}",
+            "Rate-limit decisions made without Redis (on_backend_failure applied)",
+            lambda: [(b.fallbacks, {"ambassador.route": name}) for name, b in self._redis_buckets.items()],
+        )
         if self.access_log is not None:
             access_log = self.access_log
             t.observe(
@@ -263,6 +291,24 @@ class App:
                 "Access log lines dropped because the output was blocked",
                 lambda: [(access_log.dropped, {})],
             )
+
+    def _cache_events(self) -> list[tuple[float, telemetry.Attributes]]:
+        if self.cache_store is None:
+            return []
+        stats, store = self.cache_stats, self.cache_store.stats
+        events = {
+            "stored": store.stores,
+            "evicted": store.evictions,
+            "too_large": store.too_large,
+            "dropped_write": store.dropped_writes,
+            "redis_fallback": store.redis_fallbacks,
+            "stale_served": stats.stale_served,
+            "revalidated": stats.revalidated,
+            "collapsed": stats.collapsed,
+            "not_stored": stats.not_stored,
+            "invalidated": stats.invalidations,
+        }
+        return [(count, {"ambassador.cache.event": event}) for event, count in events.items()]
 
     def _upstream_handler(self, route: RouteConfig) -> Handler:
         """The route's breaker, behind the upstream's quota stage when quota awareness is on."""

@@ -61,6 +61,10 @@ REDIS_CALLS = "ambassador.redis.calls"
 REDIS_FAILURES = "ambassador.redis.failures"
 REDIS_SKIPPED = "ambassador.redis.skipped"
 RELOADS = "ambassador.config.reloads"
+CACHE_EVENTS = "ambassador.cache.events"
+CACHE_STORE_BYTES = "ambassador.cache.store.size"
+CACHE_STORE_ENTRIES = "ambassador.cache.store.entries"
+RATE_LIMIT_FALLBACKS = "ambassador.rate_limit.backend_fallbacks"
 ACCESS_LOG_DROPPED = "ambassador.access_log.dropped"
 
 # The HTTP semantic conventions' duration buckets (seconds), which Prometheus users expect.

@@ -235,3 +235,14 @@ async def test_a_cache_hit_is_a_server_span_without_an_attempt(nursery: trio.Nur
     assert attributes is not None
     assert attributes["ambassador.cache.status"] == "hit"
     assert attributes["ambassador.attempts"] == 0
+    metrics = await http_request(daemon.admin_port, "GET", "/metrics")
+    families = {f.name: f for f in text_string_to_metric_families(metrics.body.decode())}
+    events = {
+        s.labels["ambassador_cache_event"]: s.value for s in families["ambassador_cache_events"].samples
+    }
+    assert events["stored"] == 1
+    lookups = {
+        s.labels["ambassador_cache_status"]: s.value for s in families["ambassador_cache_lookups"].samples
+    }
+    assert lookups["hit"] == 1
+    assert families["ambassador_cache_store_size_bytes"].samples[0].value > 0
