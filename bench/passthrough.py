@@ -387,6 +387,9 @@ class Bench:
                 f"{LOOPBACK}:{port}",
                 "--upstream",
                 upstream_url,
+                # An ephemeral admin port: two daemons run at once in the paired rounds.
+                "--admin",
+                f"{LOOPBACK}:0",
                 "--log-level",
                 "warning",
                 *flags,

@@ -79,3 +79,10 @@ def test_text_lines_never_split_or_break_quoting(target: str) -> None:
 
 def test_scrub_replaces_known_secret_values() -> None:
     assert scrub("a s3cr3t b s3cr3t", {"s3cr3t", ""}) == "a REDACTED b REDACTED"
+
+
+@given(st.text(), st.one_of(st.none(), st.text()), st.floats(min_value=0, max_value=1e6))
+def test_json_lines_always_parse_back(target: str, route: str | None, duration_s: float) -> None:
+    entry = json.loads(to_json(_record(target, route=route, duration_s=duration_s)))
+    assert (entry["path"], entry["route"]) == (target, route)
+    assert entry["duration_ms"] == round(duration_s * 1000, 3)
