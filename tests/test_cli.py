@@ -8,7 +8,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,37 +18,19 @@ from resilient_ambassador.cli import build_parser, config_for_run, main
 from resilient_ambassador.config_loader import ConfigError
 from resilient_ambassador.secrets import SecretResolver
 from tests.support.client import RawConnection, http_request
+from tests.support.process import CLI, wait_listening
+from tests.support.process import free_port as _free_port
 from tests.support.tcp import echo as tcp_echo
 from tests.support.tcp import start_tcp_upstream
 from tests.support.upstream import echo, parse_echo, start_fake_upstream
 
 CANARY = "canary-credential-5d1e0b"
-CLI = [sys.executable, "-m", "resilient_ambassador"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*CLI, *args], capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})}
     )
-
-
-async def _wait_listening(port: int, process: trio.Process) -> None:
-    with trio.fail_after(15):
-        while True:
-            assert process.returncode is None, "daemon exited early"
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return
 
 
 def test_version() -> None:
@@ -135,7 +116,7 @@ async def test_one_liner_injects_secret_and_drains_on_sigterm(nursery: trio.Nurs
             stderr=stderr,
         )
         try:
-            await _wait_listening(port, process)
+            await wait_listening(port, process)
             response = await http_request(port, "GET", "/hello", headers=[("X-Api-Key", "app-guess")])
             healthz = await http_request(admin_port, "GET", "/healthz")
             config_doc = await http_request(admin_port, "GET", "/config")
@@ -292,7 +273,7 @@ async def test_one_liner_tcp_relays_and_drains_on_sigterm(nursery: trio.Nursery,
             stderr=stderr,
         )
         try:
-            await _wait_listening(port, process)
+            await wait_listening(port, process)
             async with await RawConnection.connect(port) as conn:
                 await conn.send(b"relayed by the CLI")
                 await conn.half_close()

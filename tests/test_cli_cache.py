@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import trio
 import trio.lowlevel
@@ -12,11 +10,10 @@ from resilient_ambassador.cli import build_parser, config_for_run
 from resilient_ambassador.config_loader import ConfigError
 from resilient_ambassador.core.config import RouteCacheConfig
 from resilient_ambassador.secrets import SecretResolver
-from tests.stores.redis_server import free_port, redis_server
+from tests.stores.redis_server import redis_server
 from tests.support.client import http_request
+from tests.support.process import CLI, free_port, wait_listening
 from tests.support.upstream import Reply, start_fake_upstream
-
-CLI = [sys.executable, "-m", "resilient_ambassador"]
 
 UPSTREAM = ["run", "--upstream", "http://127.0.0.1:9"]
 
@@ -85,7 +82,7 @@ async def test_two_daemon_processes_share_entries_through_redis(nursery: trio.Nu
         ]
         try:
             for port, process in zip(ports, processes, strict=True):
-                await _wait_listening(port, process)
+                await wait_listening(port, process)
             host = [("host", "localhost:8000")]  # both pods' apps call their sidecar alike
             first = await http_request(ports[0], "GET", "/v1/a", host)
             for _ in range(250):  # the first pod writes to Redis in the background
@@ -108,16 +105,3 @@ def _has_entry(keys_reply: bytes) -> bool:
     return any(
         len(line) == len("ra:c:") + 32 for line in keys_reply.split(b"\r\n") if line.startswith(b"ra:c:")
     )
-
-
-async def _wait_listening(port: int, process: trio.Process) -> None:
-    with trio.fail_after(15):
-        while True:
-            assert process.returncode is None, "daemon exited early"
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return

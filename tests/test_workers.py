@@ -12,8 +12,9 @@ import trio
 
 from resilient_ambassador.supervisor import Supervisor
 from tests.support.client import http_request
+from tests.support.process import CLI, wait_listening
+from tests.support.process import free_port as _free_port
 from tests.support.upstream import Reply, echo, start_fake_upstream
-from tests.test_cli import CLI, _free_port, _wait_listening
 
 
 async def _worker_pids(admin_port: int, want: int) -> set[int]:
@@ -54,7 +55,7 @@ async def test_workers_share_the_port_and_a_killed_worker_is_replaced(
             stderr=stderr,
         )
         try:
-            await _wait_listening(port, process)
+            await wait_listening(port, process)
             first = await _worker_pids(admin_port, 2)
             responses = [await http_request(port, "GET", f"/{i}") for i in range(20)]
             victim = min(first)
@@ -167,7 +168,7 @@ async def test_sighup_reloads_the_file_and_keeps_serving_through_broken_edits(
     with (tmp_path / "stderr.log").open("wb") as stderr:
         process = await trio.lowlevel.open_process([*CLI, "run", "--config", str(config)], stderr=stderr)
         try:
-            await _wait_listening(port, process)
+            await wait_listening(port, process)
             first = await http_request(port, "GET", "/")
             config.write_text("listeners: [oops")  # a YAML syntax error
             process.send_signal(signal.SIGHUP)

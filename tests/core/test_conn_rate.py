@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from resilient_ambassador.core.conn_rate import ConnectionRate
+from resilient_ambassador.core.ratelimit import ConnectionRate
 
 
 def test_burst_then_refill() -> None:

@@ -14,9 +14,10 @@ import trio
 from resilient_ambassador.core.config import Config, QuotaConfig, RateLimitConfig, RedisConfig, RouteConfig
 from resilient_ambassador.core.templates import parse_template
 from resilient_ambassador.secrets import SecretResolver
-from tests.stores.redis_server import RedisServer, free_port, redis_server
+from tests.stores.redis_server import RedisServer, redis_server
 from tests.support.client import http_request
 from tests.support.daemon import simple_config, start_daemon, upstream_config
+from tests.support.process import free_port
 from tests.support.upstream import Reply, start_fake_upstream
 
 # Slow refill: nothing comes back during a test, so counts are exact.

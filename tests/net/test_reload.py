@@ -13,6 +13,7 @@ from resilient_ambassador.config_loader import ConfigError
 from resilient_ambassador.core.config import BreakerConfig, Config, ListenerConfig, RouteConfig
 from tests.support.client import HttpClient, http_request
 from tests.support.daemon import RunningDaemon, simple_config, start_daemon, upstream_config
+from tests.support.process import free_port as _free_port
 from tests.support.upstream import FakeUpstream, Reply, start_fake_upstream
 
 BREAKER = BreakerConfig(failure_threshold=3, min_requests=0, reset_timeout_s=30.0)
@@ -144,9 +145,3 @@ async def test_an_invalid_config_on_sighup_is_logged_and_counted(
     assert daemon.app.reload_failures == 1
     assert "upstreams.a.timeouts.connect" in caplog.text
     assert (await http_request(daemon.port, "GET", "/")).body == b"from-a"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -13,16 +13,9 @@ import trio
 from resilient_ambassador.core.config import RouteConfig, TLSConfig, UpstreamTimeouts
 from tests.support.client import RawConnection, http_request, parse_status
 from tests.support.daemon import simple_config, start_daemon, upstream_config
+from tests.support.process import free_port as _free_port
 from tests.support.tls import make_tls_material
 from tests.support.upstream import Reply, echo, start_fake_upstream
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_refused_upstream_is_502_with_reason(nursery: trio.Nursery) -> None:

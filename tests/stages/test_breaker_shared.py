@@ -22,7 +22,8 @@ from resilient_ambassador.stages.breaker import BreakerChange, BreakerStage
 from resilient_ambassador.stores.redis_client import RedisRunner, make_redis
 from resilient_ambassador.stores.shared_breaker import SharedBreakerSync
 from tests.stages.test_breaker_stage import REQUEST, ScriptedUpstream, Step, expect_open, make, trip
-from tests.stores.redis_server import RedisServer, free_port, redis_server
+from tests.stores.redis_server import RedisServer, redis_server
+from tests.support.process import free_port
 
 SYNC_INTERVAL_S = 0.05
 BUDGET_S = 0.1

@@ -13,15 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.support.process import free_port
+
 REDIS_SERVER = shutil.which("redis-server")
 START_TIMEOUT_S = 5.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class RedisServer:

@@ -16,7 +16,8 @@ import trio
 from resilient_ambassador.core.ratelimit import Decision, Limit, descriptor_key
 from resilient_ambassador.stores.ratelimit import Buckets, MemoryBuckets, RedisBuckets
 from resilient_ambassador.stores.redis_client import RedisRunner, make_redis
-from tests.stores.redis_server import RedisServer, free_port, redis_server
+from tests.stores.redis_server import RedisServer, redis_server
+from tests.support.process import free_port
 
 BUDGET_S = 0.2
 SLACK_S = 0.15
