@@ -132,3 +132,23 @@ def _sf_string(text: str) -> str:
             continue
         out.append("\\" + ch if ch in '"\\' else ch)
     return "".join(out)
+
+
+@final
+class ConnectionRate:
+    """New connections on a tcp listener (`relay.connection_rate`): the same GCRA as request
+    limits, `count` per `per_s` with a burst of one period's worth (a restart does not refuse
+    the first wave of reconnects). Pure: the caller passes `now`."""
+
+    __slots__ = ("_limit", "_tat")
+
+    def __init__(self, count: float, per_s: float) -> None:
+        if count <= 0 or per_s <= 0:
+            raise ValueError("a rate needs a count and a period greater than 0")
+        self._limit = Limit(count, per_s, max(1, math.floor(count)))
+        self._tat = -math.inf
+
+    def try_take(self, now: float) -> bool:
+        """Take one token if there is one; False means refuse this connection."""
+        decision, self._tat = gcra(self._tat, now, self._limit)
+        return decision.allowed

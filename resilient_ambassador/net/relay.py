@@ -31,7 +31,6 @@ from typing import final
 import trio
 
 from resilient_ambassador.core.config import ListenerConfig, RelayConfig, UpstreamURL
-from resilient_ambassador.core.conn_rate import ConnectionRate
 from resilient_ambassador.core.errors import (
     BreakerOpen,
     ProxyError,
@@ -43,6 +42,7 @@ from resilient_ambassador.core.errors import (
 )
 from resilient_ambassador.core.log_throttle import LogThrottle
 from resilient_ambassador.core.messages import Handler, Request, Response
+from resilient_ambassador.core.ratelimit import ConnectionRate
 from resilient_ambassador.net.tls import client_context, server_context
 from resilient_ambassador.stages.breaker import BreakerStage
 
