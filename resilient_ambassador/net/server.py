@@ -57,6 +57,7 @@ from resilient_ambassador.core.messages import (
     Response,
 )
 from resilient_ambassador.core.routing import Router
+from resilient_ambassador.net import sockio
 from resilient_ambassador.net.access_log import AccessLog
 
 log = logging.getLogger("resilient_ambassador.server")
@@ -304,6 +305,7 @@ class ClientConnection:
     __slots__ = (
         "buffer",
         "expect_continue",
+        "fd",
         "head_method",
         "keep_alive",
         "limits",
@@ -318,6 +320,7 @@ class ClientConnection:
     def __init__(self, server: HttpServer, stream: trio.SocketStream) -> None:
         self.server = server
         self.stream = stream
+        self.fd = stream.socket.fileno()  # plain TCP: read and written directly (net/sockio.py)
         self.limits: ClientLimits = server.limits
         self.buffer = bytearray()  # bytes read from the client and not consumed yet
         self.requests_served = 0
@@ -365,10 +368,9 @@ class ClientConnection:
     async def receive(self, deadline: float, timeout_reason: str) -> bytes:
         with trio.move_on_at(deadline):
             try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return await sockio.receive(self.fd, RECEIVE_BYTES)
+            except OSError:
                 raise ClientGone() from None
-            return data
         raise ClientError(408, "request_timeout", timeout_reason)
 
     async def _read_head(self) -> RequestHead | None:
@@ -398,8 +400,8 @@ class ClientConnection:
                 with trio.CancelScope(deadline=deadline) as idle:
                     self.server._idle_scopes.add(idle)
                     try:
-                        data = await self.stream.receive_some(RECEIVE_BYTES)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        data = await sockio.receive(self.fd, RECEIVE_BYTES)
+                    except OSError:
                         return None
                     finally:
                         self.server._idle_scopes.discard(idle)
@@ -623,15 +625,18 @@ class ClientConnection:
             )
 
     async def send(self, data: bytes) -> None:
-        if not data:
-            return
-        # A bare CancelScope rather than fail_after: this runs for every write, and the
-        # context-manager wrapper is measurable on the hot path.
+        try:
+            sent = sockio.send_nowait(self.fd, data)
+            if sent == len(data):
+                return  # the kernel took it all: no clock, no scope, no scheduling
+        except OSError:
+            raise ClientGone() from None
+        # A bare CancelScope rather than fail_after: the context-manager wrapper is measurable.
         with trio.CancelScope(deadline=trio.current_time() + self.limits.send_timeout_s):
             try:
-                await self.stream.send_all(data)
+                await sockio.send_all(self.fd, data, sent)
                 return
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except OSError:
                 raise ClientGone() from None
         log.info(
             "client %s stopped reading for %gs; closing", self.peer_ip.decode(), self.limits.send_timeout_s

@@ -43,6 +43,7 @@ from resilient_ambassador.core.http1 import (
     valid_field_value,
 )
 from resilient_ambassador.core.messages import Request, Response, header_value
+from resilient_ambassador.net import sockio
 from resilient_ambassador.net.tls import client_context
 from resilient_ambassador.secrets import SecretResolver
 
@@ -72,15 +73,34 @@ class UpstreamConnection:
     """One TCP (or TLS) connection to the upstream, with the bytes read from it and not
     consumed yet. `reusable` turns False as soon as anything makes its framing doubtful."""
 
-    __slots__ = ("buffer", "conn_id", "fd", "last_used", "reusable", "stream")
+    __slots__ = ("buffer", "conn_id", "fd", "last_used", "plain", "reusable", "stream")
 
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType, conn_id: int):
         self.stream = stream
         self.fd = sock.fileno()
+        # Plain TCP is read and written on the fd directly (net/sockio.py); TLS by its stream.
+        self.plain = isinstance(stream, trio.SocketStream)
         self.buffer = bytearray()
         self.conn_id = conn_id
         self.last_used = 0.0
         self.reusable = True
+
+    async def receive(self) -> bytes:
+        """Bytes from the upstream (b"" at EOF). Raises OSError, trio.BrokenResourceError."""
+        if self.plain:
+            return await sockio.receive(self.fd, RECEIVE_BYTES)
+        return bytes(await self.stream.receive_some(RECEIVE_BYTES))
+
+    def send_nowait(self, data: bytes) -> int:
+        """How much of `data` the kernel took at once (always 0 over TLS). Raises OSError."""
+        return sockio.send_nowait(self.fd, data) if self.plain else 0
+
+    async def send(self, data: bytes, sent: int = 0) -> None:
+        """The rest of `data`, from offset `sent`, waiting for room as needed."""
+        if self.plain:
+            await sockio.send_all(self.fd, data, sent)
+        else:
+            await self.stream.send_all(memoryview(data)[sent:])
 
     def looks_stale(self) -> bool:
         """An idle keep-alive connection must have nothing to read: readable means the peer
@@ -315,7 +335,7 @@ class UpstreamBody:
     async def _receive(self) -> bytes:
         with trio.CancelScope(deadline=trio.current_time() + self._read_idle_s):
             try:
-                return bytes(await self._conn.stream.receive_some(RECEIVE_BYTES))
+                return await self._conn.receive()
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise UpstreamProtocolError(
                     "upstream reset the connection mid-body", upstream=self._upstream
@@ -466,12 +486,16 @@ class UpstreamClient:
 
     async def _send(self, conn: UpstreamConnection, data: bytes) -> None:
         """Write to the upstream; one that stops reading for `read_idle_s` is given up on."""
-        if not data:
-            return
+        try:
+            sent = conn.send_nowait(data)
+        except OSError:
+            raise _PeerClosed(False) from None
+        if sent == len(data):
+            return  # the kernel took it all: no clock, no scope, no scheduling
         timeout_s = self.config.timeouts.read_idle_s
         with trio.CancelScope(deadline=trio.current_time() + timeout_s):  # bare: hot path
             try:
-                await conn.stream.send_all(data)
+                await conn.send(data, sent)
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise _PeerClosed(False) from None
@@ -490,7 +514,7 @@ class UpstreamClient:
                 if len(buffer) > MAX_RESPONSE_HEAD_BYTES:
                     raise FramingError("response head too large")
                 try:
-                    data = await conn.stream.receive_some(RECEIVE_BYTES)
+                    data = await conn.receive()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     raise _PeerClosed(got_bytes) from None
                 if not data:
