@@ -252,6 +252,8 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
             connection.append(value)
     tokens = _connection_tokens(connection) if connection else set()
     keep_alive = b"close" not in tokens and (version == b"1.1" or b"keep-alive" in tokens)
+    if codings and (len(codings) > 1 or codings[0].strip(b" \t").lower() != b"chunked"):
+        raise FramingError("unsupported Transfer-Encoding")
     content_length = _content_length(lengths) if lengths else None
     if content_length is not None and (len(lengths) > 1 or lengths[0] != b"%d" % content_length):
         headers = _canonical_length(headers, content_length)
@@ -259,8 +261,6 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
         return ResponseHead(status, reason or b"", version, headers, 0, False, keep_alive)
     chunked = False
     if codings:
-        if len(codings) > 1 or codings[0].strip(b" \t").lower() != b"chunked":
-            raise FramingError("unsupported Transfer-Encoding")
         chunked = True
         if lengths:
             content_length = None
