@@ -54,8 +54,8 @@ class HeadScan:
 def scan_request_head(buf: bytes | bytearray, limits: ClientLimits) -> HeadScan:
     """Find the end of the request head in `buf` and enforce our limits on its raw bytes.
 
-    Raises ClientError (414/431/400). Runs before h11 sees the bytes, because h11 enforces
-    its size limit only on data that is still incomplete.
+    Raises ClientError (414/431/400). Runs on every read before the head is parsed, so an
+    oversized head is refused as soon as it is, not once it is complete.
     """
     start = 0
     while buf.startswith(b"\r\n", start):  # RFC 9112 2.2: ignore empty lines before a request

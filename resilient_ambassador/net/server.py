@@ -417,7 +417,7 @@ class ClientConnection:
             head = parse_request_head(raw)
         except FramingError as exc:
             raise ClientError(exc.status, _client_reason(exc.status), exc.message) from None
-        # HTTP/1.0 clients get one response per connection (as with h11): no keep-alive dance.
+        # HTTP/1.0 clients get one response per connection: no `Connection: keep-alive` dance.
         self.keep_alive = head.keep_alive and head.version == b"1.1"
         self.expect_continue = head.expect_continue
         return head
