@@ -252,7 +252,8 @@ ERRORS = {
         stats: {listen: 127.0.0.1:9902}
         """,
         "ambassador.yaml:3: stats: unknown key "
-        "(expected one of: listeners, upstreams, drain, redis, admin, access_log, workers, telemetry, cache)",
+        "(expected one of: listeners, upstreams, drain, redis, admin, access_log, workers, telemetry, "
+        "cache, dns)",
     ),
     "bad access log format": (
         """\

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import select
-import socket
 import ssl
 from typing import final
 from urllib.parse import quote
@@ -20,9 +19,7 @@ import trio
 from resilient_ambassador.core.config import UpstreamConfig
 from resilient_ambassador.core.errors import (
     StaleConnection,
-    UpstreamConnectError,
     UpstreamConnectTimeout,
-    UpstreamDNSError,
     UpstreamPoolTimeout,
     UpstreamProtocolError,
     UpstreamTimeout,
@@ -33,6 +30,7 @@ from resilient_ambassador.core.fingerprint import fingerprint
 from resilient_ambassador.core.headers import inject_headers, inject_query
 from resilient_ambassador.core.headers import response_headers_for_client as client_view
 from resilient_ambassador.core.messages import Body, Request, Response
+from resilient_ambassador.net.resolver import Resolver
 from resilient_ambassador.net.tls import client_context
 from resilient_ambassador.secrets import SecretResolver
 
@@ -97,8 +95,9 @@ class ConnectionPool:
     the most recently used idle connection is reused first (it is the least likely to have
     been closed by the peer)."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, resolver: Resolver | None = None) -> None:
         self.config = config
+        self._resolver = resolver or Resolver()  # the app passes its one shared resolver
         self._ssl: ssl.SSLContext | None = client_context(config.tls) if config.url.uses_tls else None
         self._idle: list[UpstreamConnection] = []
         self._slots = trio.Semaphore(config.pool.max_connections)
@@ -195,18 +194,8 @@ class ConnectionPool:
         timeout_s = self.config.timeouts.connect_s
         try:
             with trio.fail_after(timeout_s):
-                try:
-                    tcp = await trio.open_tcp_stream(url.host, url.port)
-                except socket.gaierror as exc:
-                    raise UpstreamDNSError(
-                        f"upstream DNS resolution failed for {url.host}: {exc.strerror}",
-                        upstream=name,
-                    ) from exc
-                except OSError as exc:
-                    raise UpstreamConnectError(
-                        f"connect to {url.host}:{url.port} failed: {exc.strerror or exc}",
-                        upstream=name,
-                    ) from exc
+                # DNS (cached, see net.resolver) and a connect through the answer's addresses.
+                tcp = await self._resolver.connect(url.host, url.port, upstream=name)
                 stream: trio.abc.Stream = tcp
                 if self._ssl is not None:
                     stream = await self._handshake(tcp)
