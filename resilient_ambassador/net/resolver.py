@@ -53,11 +53,12 @@ async def getaddrinfo_lookup(host: str) -> list[Address]:
     infos = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     out: list[Address] = []
     for family, _, _, _, sockaddr in infos:
-        if family == socket.AF_INET6:
-            out.append(Address(family, str(sockaddr[0]), int(sockaddr[3])))  # type: ignore[misc]
-        elif family == socket.AF_INET:
-            out.append(Address(family, str(sockaddr[0])))
-    return out
+        match sockaddr:
+            case (str(ip), int(), int(), int(scope_id)) if family == socket.AF_INET6:
+                out.append(Address(family, ip, scope_id))
+            case (str(ip), int()) if family == socket.AF_INET:
+                out.append(Address(family, ip))
+    return list(dict.fromkeys(out))  # one per socket type and protocol: SOCK_STREAM keeps one
 
 
 def describe_lookup_error(exc: BaseException) -> str:
@@ -212,7 +213,8 @@ class Resolver:
         previous = self._entries.get(host)
         if error is None:
             entry = DNSEntry.positive(addresses, now, self._times, previous)
-            if previous is None or previous.addresses != entry.addresses:
+            # As a set: CoreDNS's loadbalance plugin shuffles the records of every answer.
+            if previous is None or set(previous.addresses) != set(entry.addresses):
                 log.info("%s resolves to %s", host, ", ".join(str(a) for a in entry.addresses))
         else:
             self.stats.failures += 1
