@@ -64,9 +64,15 @@ async def started(nursery: trio.Nursery, resolver: Resolver) -> Resolver:
 @contextlib.contextmanager
 def listening(host: str, port: int = 0, backlog: int = 16) -> Iterator[socket.socket]:
     """A bare listening socket: the kernel completes handshakes without an accept."""
-    sock = socket.socket()
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family)
     try:
-        sock.bind((host, port))
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if family == socket.AF_INET6:
+                pytest.skip(f"no IPv6 loopback here: {exc}")
+            raise
         sock.listen(backlog)
         yield sock
     finally:
@@ -279,6 +285,16 @@ async def test_connect_rotates_over_healthy_addresses() -> None:
                 with stream.socket:
                     peers.append(stream.socket.getpeername()[0])
     assert peers == ["127.0.0.1", "127.0.0.3", "127.0.0.1", "127.0.0.3"]
+
+
+async def test_a_dual_stack_answer_falls_back_across_families() -> None:
+    with listening("::1") as server:  # nothing on 127.0.0.2 at that port
+        port = server.getsockname()[1]
+        resolver = Resolver(DNSConfig(), FakeDNS({"svc.test": ["127.0.0.2", "::1"]}))
+        stream = await resolver.connect("svc.test", port, upstream="svc")
+        with stream.socket:
+            assert stream.socket.getpeername()[:2] == ("::1", port)
+    assert resolver.stats.connect_failures == 1
 
 
 async def test_no_address_connecting_is_one_clear_error() -> None:
