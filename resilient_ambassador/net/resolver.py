@@ -27,7 +27,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import final
+from typing import Any, final
 
 import trio
 
@@ -42,23 +42,57 @@ log = logging.getLogger("resilient_ambassador.resolver")
 HAPPY_EYEBALLS_DELAY_S = 0.25
 # Names come from the config, so this is only a backstop against reloads adding names forever.
 MAX_ENTRIES = 1024
+# Lookup threads at once (see SystemLookup); lookups are one per name at a time, so this only
+# binds when DNS hangs and abandoned lookups pile up.
+MAX_LOOKUP_THREADS = 8
 
 Lookup = Callable[[str], Awaitable[Sequence[Address]]]
 
 _GAI_NAMES = {getattr(socket, n): n for n in dir(socket) if n.startswith("EAI_")}
 
 
-async def getaddrinfo_lookup(host: str) -> list[Address]:
-    """The A and AAAA records of `host` as the system resolver orders them (RFC 6724)."""
-    infos = await trio.socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    out: list[Address] = []
-    for family, _, _, _, sockaddr in infos:
-        match sockaddr:
-            case (str(ip), int(), int(), int(scope_id)) if family == socket.AF_INET6:
-                out.append(Address(family, ip, scope_id))
-            case (str(ip), int()) if family == socket.AF_INET:
-                out.append(Address(family, ip))
-    return list(dict.fromkeys(out))  # one per socket type and protocol: SOCK_STREAM keeps one
+@final
+class SystemLookup:
+    """The default lookup: getaddrinfo in a worker thread, A and AAAA records in the order the
+    system resolver gives them (RFC 6724). A lookup past `dns.timeout` is abandoned, but its
+    thread runs on until glibc gives up (timeout x attempts x search domains: easily 30 s with
+    an unreachable CoreDNS), so these threads get a limiter of their own: a hung resolver
+    holds at most `max_threads` of them, never the default limiter's threads that the access
+    log writes through. A lookup that cannot get a thread in time fails like a slow one."""
+
+    def __init__(
+        self,
+        max_threads: int = MAX_LOOKUP_THREADS,
+        getaddrinfo: Callable[..., list[Any]] = socket.getaddrinfo,
+    ) -> None:
+        self._max_threads = max_threads
+        self._getaddrinfo = getaddrinfo
+        self._limiter: trio.CapacityLimiter | None = None
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        if self._limiter is None:  # made on first use, inside the trio run
+            self._limiter = trio.CapacityLimiter(self._max_threads)
+        return self._limiter
+
+    async def __call__(self, host: str) -> list[Address]:
+        infos = await trio.to_thread.run_sync(
+            self._getaddrinfo,
+            host,
+            None,
+            0,
+            socket.SOCK_STREAM,
+            abandon_on_cancel=True,
+            limiter=self.limiter,
+        )
+        out: list[Address] = []
+        for family, _, _, _, sockaddr in infos:
+            match sockaddr:
+                case (str(ip), int(), int(), int(scope_id)) if family == socket.AF_INET6:
+                    out.append(Address(family, ip, scope_id))
+                case (str(ip), int()) if family == socket.AF_INET:
+                    out.append(Address(family, ip))
+        return list(dict.fromkeys(out))
 
 
 def describe_lookup_error(exc: BaseException) -> str:
@@ -103,13 +137,13 @@ class Resolver:
     def __init__(
         self,
         config: DNSConfig | None = None,
-        lookup: Lookup = getaddrinfo_lookup,
+        lookup: Lookup | None = None,
         *,
         stagger_s: float = HAPPY_EYEBALLS_DELAY_S,
     ) -> None:
         self.config = config or DNSConfig()
         self._times = DNSTimes(self.config.max_ttl_s, self.config.negative_ttl_s, self.config.max_stale_s)
-        self._lookup_fn = lookup
+        self._lookup_fn: Lookup = lookup or SystemLookup()
         self._stagger_s = stagger_s
         self._entries: dict[str, DNSEntry] = {}
         self._pending: dict[str, _Pending] = {}

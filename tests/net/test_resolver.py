@@ -7,8 +7,9 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import threading
 from collections.abc import Iterator, Sequence
-from typing import final
+from typing import Any, final
 
 import pytest
 import trio
@@ -17,7 +18,7 @@ import trio.testing
 from resilient_ambassador.core.config import DNSConfig
 from resilient_ambassador.core.dns import Address, ip_literal
 from resilient_ambassador.core.errors import UpstreamConnectError, UpstreamDNSError
-from resilient_ambassador.net.resolver import Resolver, getaddrinfo_lookup
+from resilient_ambassador.net.resolver import Resolver, SystemLookup
 from tests.support.client import http_request
 from tests.support.daemon import simple_config, start_daemon, upstream_config
 from tests.support.tcp import greeter, start_tcp_upstream, tcp_config
@@ -240,9 +241,34 @@ async def test_without_the_background_runner_lookups_run_in_the_caller(
 
 
 async def test_localhost_resolves_with_the_system_resolver() -> None:
-    addresses = await getaddrinfo_lookup("localhost")
+    addresses = await SystemLookup()("localhost")
     assert "127.0.0.1" in ips(addresses)
     assert len(set(addresses)) == len(addresses)
+    assert ips(await SystemLookup()("::1")) == ["::1"]
+
+
+async def test_hung_system_lookups_hold_at_most_their_own_threads(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """getaddrinfo stuck (an unreachable CoreDNS): abandoned lookups keep their threads until
+    it returns; they may hold no more than the lookup limiter's, and a lookup that gets none
+    fails at its timeout like a slow one."""
+    unstuck = threading.Event()
+
+    def stuck_getaddrinfo(*_args: object) -> list[Any]:
+        unstuck.wait()
+        return []
+
+    lookup = SystemLookup(max_threads=2, getaddrinfo=stuck_getaddrinfo)
+    resolver = await started(nursery, Resolver(DNSConfig(timeout_s=2.0), lookup))
+    try:
+        for name in ("a.test", "b.test", "c.test"):
+            with pytest.raises(UpstreamDNSError, match="no answer within 2s"):
+                await resolver.resolve(name)
+        assert lookup.limiter.borrowed_tokens == 2  # the third never got a thread
+        assert trio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
+    finally:
+        unstuck.set()
 
 
 # -- connecting through the answer -------------------------------------------------------------
