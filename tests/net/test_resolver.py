@@ -5,6 +5,7 @@ function and trio's MockClock, connects through several addresses over real loop
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import socket
 import threading
@@ -15,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from resilient_ambassador.core.config import DNSConfig
+from resilient_ambassador.core.config import DNSConfig, PoolConfig
 from resilient_ambassador.core.dns import Address, ip_literal
 from resilient_ambassador.core.errors import UpstreamConnectError, UpstreamDNSError
 from resilient_ambassador.net.resolver import Resolver, SystemLookup
@@ -486,3 +487,28 @@ async def test_the_tcp_relay_resolves_through_the_shared_resolver(nursery: trio.
             assert await stream.receive_some(16) == b"hi|"
     assert dns.calls == ["db.test"]
     assert daemon.app.resolver.stats.connect_failures == 1
+
+
+async def test_a_reload_keeps_the_resolver_and_its_cache(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream = await start_fake_upstream(nursery, default=Reply(close_after=True))
+    dns = FakeDNS({"api.test": ["127.0.0.1"]})
+    config = simple_config(upstream_config(f"http://api.test:{upstream.port}"))
+    daemon = await start_daemon(nursery, config, resolver=Resolver(config.dns, dns))
+    assert (await http_request(daemon.port)).status == 200
+    old_pool = daemon.app.pools["up"]
+
+    main = dataclasses.replace(config.listeners[0], port=daemon.port)
+    changed_upstream = dataclasses.replace(config.upstreams["up"], pool=PoolConfig(max_connections=5))
+    await daemon.app.reload(
+        dataclasses.replace(
+            config, listeners=(main,), upstreams={"up": changed_upstream}, dns=DNSConfig(max_ttl_s=1.0)
+        )
+    )
+
+    assert daemon.app.pools["up"] is not old_pool  # a new pool, the same resolver
+    assert daemon.app.config.dns == config.dns
+    assert "dns changed; that takes effect at the next restart" in caplog.text
+    assert (await http_request(daemon.port)).status == 200
+    assert dns.calls == ["api.test"]
