@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import select
-import socket
 import ssl
 from typing import final
 from urllib.parse import quote
@@ -20,9 +19,7 @@ from resilient_ambassador.core.config import UpstreamConfig
 from resilient_ambassador.core.errors import (
     ProxyError,
     StaleConnection,
-    UpstreamConnectError,
     UpstreamConnectTimeout,
-    UpstreamDNSError,
     UpstreamPoolTimeout,
     UpstreamProtocolError,
     UpstreamTimeout,
@@ -44,6 +41,7 @@ from resilient_ambassador.core.http1 import (
 )
 from resilient_ambassador.core.messages import Request, Response, header_value
 from resilient_ambassador.net import sockio
+from resilient_ambassador.net.resolver import Resolver
 from resilient_ambassador.net.tls import client_context
 from resilient_ambassador.secrets import SecretResolver
 
@@ -128,8 +126,9 @@ class ConnectionPool:
     the most recently used idle connection is reused first (it is the least likely to have
     been closed by the peer)."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, resolver: Resolver | None = None) -> None:
         self.config = config
+        self._resolver = resolver or Resolver()  # the app passes its one shared resolver
         self._ssl: ssl.SSLContext | None = client_context(config.tls) if config.url.uses_tls else None
         self._idle: list[UpstreamConnection] = []
         self._slots = trio.Semaphore(config.pool.max_connections)
@@ -219,18 +218,8 @@ class ConnectionPool:
         timeout_s = self.config.timeouts.connect_s
         try:
             with trio.fail_after(timeout_s):
-                try:
-                    tcp = await trio.open_tcp_stream(url.host, url.port)
-                except socket.gaierror as exc:
-                    raise UpstreamDNSError(
-                        f"upstream DNS resolution failed for {url.host}: {exc.strerror}",
-                        upstream=name,
-                    ) from exc
-                except OSError as exc:
-                    raise UpstreamConnectError(
-                        f"connect to {url.host}:{url.port} failed: {exc.strerror or exc}",
-                        upstream=name,
-                    ) from exc
+                # DNS (cached, see net.resolver) and a connect through the answer's addresses.
+                tcp = await self._resolver.connect(url.host, url.port, upstream=name)
                 stream: trio.abc.Stream = tcp
                 if self._ssl is not None:
                     stream = await self._handshake(tcp)
