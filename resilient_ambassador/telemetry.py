@@ -103,6 +103,7 @@ Record = Callable[[float], None]
 # The SDK's default per-stream cardinality limit: attribute sets beyond it share one overflow point.
 CARDINALITY_LIMIT = 2000
 _OVERFLOW: Attributes = {"otel.metric.overflow": True}
+ANCHOR_SCOPE = "resilient_ambassador.anchor"  # see Aggregated; never exported
 
 
 class Family(Protocol):
@@ -267,12 +268,22 @@ class ReaderState:
 @final
 class Aggregated:
     """The pre-aggregated families, turned into SDK `Metric`s at collection time and merged
-    into what the SDK collected itself, in our instrumentation scope."""
+    into what the SDK collected itself, in our instrumentation scope.
+
+    A reader is only handed a collection when the SDK has points of its own, so `anchor`
+    keeps one observation in the ANCHOR_SCOPE meter, which `merge` takes out again: it never
+    reaches an exporter."""
 
     def __init__(self, scope: InstrumentationScope) -> None:
         self._scope = scope
         self._histograms: list[HistogramFamily] = []
         self._counters: list[CounterFamily] = []
+
+    @staticmethod
+    def anchor(provider: MeterProvider) -> None:
+        provider.get_meter(ANCHOR_SCOPE).create_observable_gauge(
+            "anchor", callbacks=[lambda _options: [Observation(0)]]
+        )
 
     def histogram(self, name: str, unit: str, description: str, bounds: tuple[float, ...]) -> HistogramFamily:
         family = HistogramFamily(name, unit, description, bounds)
@@ -284,24 +295,27 @@ class Aggregated:
         self._counters.append(family)
         return family
 
-    def merge(self, data: MetricsData, state: ReaderState) -> MetricsData:
+    def merge(self, data: MetricsData, state: ReaderState) -> MetricsData | None:
+        """What the SDK collected, without the anchor, with ours in our scope; None when that
+        is nothing (the SDK then calls no exporter either)."""
         ours = self.metrics(state)
-        if not ours:
-            return data
         merged: list[ResourceMetrics] = []
         for resource_metrics in data.resource_metrics:
-            scopes = list(resource_metrics.scope_metrics)
-            for i, scope_metrics in enumerate(scopes):
-                if scope_metrics.scope == self._scope:
-                    scopes[i] = dataclasses.replace(scope_metrics, metrics=[*scope_metrics.metrics, *ours])
-                    break
-            else:
-                scopes.append(
-                    ScopeMetrics(scope=self._scope, metrics=ours, schema_url=self._scope.schema_url or "")
-                )
-            merged.append(dataclasses.replace(resource_metrics, scope_metrics=scopes))
-            ours = []  # one resource: ours go into the first
-        return MetricsData(resource_metrics=merged)
+            scopes = [s for s in resource_metrics.scope_metrics if s.scope.name != ANCHOR_SCOPE]
+            if ours:  # one resource: ours go into the first
+                for i, scope_metrics in enumerate(scopes):
+                    if scope_metrics.scope == self._scope:
+                        scopes[i] = dataclasses.replace(
+                            scope_metrics, metrics=[*scope_metrics.metrics, *ours]
+                        )
+                        break
+                else:
+                    schema_url = self._scope.schema_url or ""
+                    scopes.append(ScopeMetrics(scope=self._scope, metrics=ours, schema_url=schema_url))
+                ours = []
+            if scopes:
+                merged.append(dataclasses.replace(resource_metrics, scope_metrics=scopes))
+        return MetricsData(resource_metrics=merged) if merged else None
 
     def metrics(self, state: ReaderState) -> list[Metric]:
         """This collection's points: cumulative ones as they are, delta ones as the change since
@@ -401,7 +415,9 @@ class _PrometheusReader(PrometheusMetricReader):
     def _receive_metrics(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> None:
-        super()._receive_metrics(self._aggregated.merge(metrics_data, self._state), timeout_millis, **kwargs)
+        merged = self._aggregated.merge(metrics_data, self._state)
+        if merged is not None:
+            super()._receive_metrics(merged, timeout_millis, **kwargs)
 
 
 @final
@@ -423,7 +439,9 @@ class _PeriodicReader(PeriodicExportingMetricReader):
     def _receive_metrics(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
     ) -> None:
-        super()._receive_metrics(self._aggregated.merge(metrics_data, self._state), timeout_millis, **kwargs)
+        merged = self._aggregated.merge(metrics_data, self._state)
+        if merged is not None:
+            super()._receive_metrics(merged, timeout_millis, **kwargs)
 
 
 @final
@@ -518,6 +536,8 @@ class Telemetry:
         # Per-request instruments. With tracing on they stay SDK instruments, whose histogram
         # points carry the trace exemplars; with it off, the cheap pre-aggregated families.
         self.aggregated = self.tracer is None
+        if self.aggregated:
+            aggregated.anchor(self._meter_provider)
 
         def histogram(name: str, description: str) -> Family:
             if self.aggregated:
