@@ -158,6 +158,8 @@ class HistogramCell:
         self.max = self.interval_max = -math.inf
 
     def record(self, value: float) -> None:
+        if not 0.0 <= value < math.inf:  # the SDK drops these too (negative, inf, NaN)
+            return
         # bisect_left: a value equal to a boundary falls in that bucket (`le`), as in the SDK.
         index = bisect_left(self._bounds, value)
         with self._lock:
@@ -188,7 +190,8 @@ class HistogramCell:
 
 @final
 class CounterCell:
-    """One attribute set's monotonic sum (adding is atomic enough under the GIL for a reader)."""
+    """One attribute set's monotonic sum. It has one writer, the event loop, so no lock: an
+    exporter thread reads the value before or after an addition."""
 
     __slots__ = ("attributes", "start_ns", "value")
 
@@ -198,7 +201,8 @@ class CounterCell:
         self.value: int | float = 0  # stays an int while ints are added, as in the SDK
 
     def add(self, amount: float) -> None:
-        self.value += amount
+        if amount >= 0:  # a counter only goes up; the SDK drops the rest too
+            self.value += amount
 
 
 C = TypeVar("C", HistogramCell, CounterCell)
@@ -255,9 +259,12 @@ class CounterFamily:
 
 @final
 class ReaderState:
-    """What one reader saw at its last collection, to turn cumulative cells into deltas."""
+    """What one reader saw at its last collection, to turn cumulative cells into deltas. (A
+    histogram's delta sum, min and max come from the cell's interval fields, which a delta
+    collection resets: we build at most one delta reader, the OTLP one.)"""
 
     def __init__(self, histograms: AggregationTemporality, counters: AggregationTemporality) -> None:
+        self.lock = threading.Lock()  # a flush may race the periodic reader's thread
         self.histograms = histograms
         self.counters = counters
         self.collected_ns: int | None = None
@@ -321,6 +328,10 @@ class Aggregated:
         """This collection's points: cumulative ones as they are, delta ones as the change since
         this reader's last collection (attribute sets without a change are left out, as the
         SDK does)."""
+        with state.lock:
+            return self._metrics(state)
+
+    def _metrics(self, state: ReaderState) -> list[Metric]:
         now_ns = time_ns()
         previous_ns = state.collected_ns
         state.collected_ns = now_ns
@@ -508,13 +519,13 @@ class Telemetry:
 
         self.registry = CollectorRegistry(auto_describe=True)
         # The scope get_meter(SCOPE, __version__) gives the SDK's instruments: ours join them.
-        aggregated = Aggregated(InstrumentationScope(SCOPE, __version__))
-        readers: list[MetricReader] = [_PrometheusReader(aggregated, self.registry)]
+        aggregates = Aggregated(InstrumentationScope(SCOPE, __version__))
+        readers: list[MetricReader] = [_PrometheusReader(aggregates, self.registry)]
         metric_exporter = self._metric_exporter(settings)
         if metric_exporter is not None:
             interval = settings.metrics_interval_s
             readers.append(
-                _PeriodicReader(aggregated, metric_exporter, None if interval is None else interval * 1000)
+                _PeriodicReader(aggregates, metric_exporter, None if interval is None else interval * 1000)
             )
         self._meter_provider = MeterProvider(
             resource=resource,
@@ -537,16 +548,16 @@ class Telemetry:
         # points carry the trace exemplars; with it off, the cheap pre-aggregated families.
         self.aggregated = self.tracer is None
         if self.aggregated:
-            aggregated.anchor(self._meter_provider)
+            aggregates.anchor(self._meter_provider)
 
         def histogram(name: str, description: str) -> Family:
             if self.aggregated:
-                return aggregated.histogram(name, "s", description, DURATION_BUCKETS_S)
+                return aggregates.histogram(name, "s", description, DURATION_BUCKETS_S)
             return _SdkFamily(meter.create_histogram(name, unit="s", description=description).record)
 
         def counter(name: str, unit: str, description: str) -> Family:
             if self.aggregated:
-                return aggregated.counter(name, unit, description)
+                return aggregates.counter(name, unit, description)
             return _SdkFamily(meter.create_counter(name, unit=unit, description=description).add)
 
         self.server_duration = histogram(SERVER_DURATION, "Downstream requests: time to the response head")

@@ -4,6 +4,7 @@ delta, and across collections."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -87,6 +88,20 @@ def test_metrics_text_is_the_sdk_s_across_two_scrapes() -> None:
     assert second == _samples(sdk)
     assert second != first
     assert "anchor" not in ours.prometheus_text().decode()
+
+
+def test_values_the_sdk_drops_are_dropped() -> None:
+    ours, sdk = _pair()
+    for telemetry in (ours, sdk):
+        record = telemetry.server_duration.bind(SERVER_OK)
+        for value in (0.5, -1.0, math.inf, math.nan):
+            record(value)
+        telemetry.retries.bind(ROUTE)(-1)
+        telemetry.retries.bind(ROUTE)(2)
+    samples = _samples(ours)
+    assert samples == _samples(sdk)
+    assert _value(samples, "http_server_request_duration_seconds_count") == 1
+    assert _value(samples, "ambassador_retries_total") == 2
 
 
 def _bucket(samples: set[tuple[str, frozenset[tuple[str, str]], float]], le: str, status: str) -> float:
