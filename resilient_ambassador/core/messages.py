@@ -116,6 +116,28 @@ class Request:
     def path(self) -> bytes:
         return self.target.split(b"?", 1)[0]
 
+    def replace(
+        self,
+        *,
+        headers: Headers | None = None,
+        body: Body | None = None,
+        deadline: float | None = None,
+        stale_fallback: bool | None = None,
+    ) -> Request:
+        """A copy with these fields changed (the outcome is shared: one per downstream
+        request). `dataclasses.replace` does the same at four times the cost, per stage."""
+        return Request(
+            self.method,
+            self.target,
+            self.headers if headers is None else headers,
+            self.body if body is None else body,
+            self.http_version,
+            self.deadline if deadline is None else deadline,
+            self.client_ip,
+            self.outcome,
+            self.stale_fallback if stale_fallback is None else stale_fallback,
+        )
+
 
 def _noop() -> None:
     return None

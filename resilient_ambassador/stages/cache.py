@@ -16,7 +16,6 @@ What it decides comes from `core.cache_rules`; this file does the waiting and th
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -301,7 +300,7 @@ class CacheStage:
         headers = [(n, v) for n, v in request.headers if n not in CONDITIONAL_HEADERS]
         request_time = self._clock()
         try:
-            response = await self._inner(dataclasses.replace(request, headers=headers))
+            response = await self._inner(request.replace(headers=headers))
         except BaseException:
             self._finish(key, flight, None)
             raise
@@ -411,9 +410,7 @@ class CacheStage:
         request_time = self._clock()
         fallback = not background and usable_on_error(entry, request_time)
         try:
-            response = await self._inner(
-                dataclasses.replace(request, headers=headers, stale_fallback=fallback)
-            )
+            response = await self._inner(request.replace(headers=headers, stale_fallback=fallback))
         except ClientError:
             self._finish(key, flight, None)
             raise  # the client's own fault (its body, its deadline header): no stale cover

@@ -9,7 +9,6 @@ that fails later (in the server's write loop) is never retried. The rules and ma
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import random as _random
@@ -86,7 +85,7 @@ class RetryStage:
         if config.retries > 0 and request.method in self._methods and not request.stale_fallback:
             body, replayable = await buffer_body(request.body, config.buffer_body_bytes)
             if body is not request.body:
-                request = dataclasses.replace(request, body=body)
+                request = request.replace(body=body)
             if replayable:
                 max_retries = config.retries
         start = trio.current_time()
@@ -164,7 +163,7 @@ class RetryStage:
             # is only a backstop, later, because if both had expired the outer scope
             # would catch the cancellation first and the breaker would never see a timeout.
             deadline = min(deadline, per_try_deadline + PER_TRY_BACKSTOP_S)
-            request = dataclasses.replace(request, deadline=per_try_deadline)
+            request = request.replace(deadline=per_try_deadline)
         if deadline == math.inf:
             return await self._inner(request)  # no deadline: a cancel scope would never fire
         with trio.CancelScope(deadline=deadline):
@@ -197,7 +196,7 @@ class RetryStage:
             except (UnicodeDecodeError, ValueError):
                 continue  # an unreadable deadline is ignored, not an error
             timeout_s = asked_s if timeout_s is None else min(timeout_s, asked_s)
-        return dataclasses.replace(request, headers=kept), timeout_s
+        return request.replace(headers=kept), timeout_s
 
     def _retry_after_s(self, response: Response) -> float | None:
         if not self._config.respect_retry_after or response.status not in RETRY_AFTER_STATUSES:

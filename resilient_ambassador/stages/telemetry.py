@@ -15,7 +15,6 @@ say) and kept by the stage, so a request builds no attribute dict (telemetry.py)
 
 from __future__ import annotations
 
-import dataclasses
 from typing import final
 
 import trio
@@ -260,7 +259,7 @@ class AttemptTelemetry:
                 headers = [(n, v) for n, v in request.headers if n not in TRACE_HEADERS]
                 headers.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in carrier.items())
                 try:
-                    response = await self._inner(dataclasses.replace(request, headers=headers))
+                    response = await self._inner(request.replace(headers=headers))
                 except ProxyError as exc:
                     outcome = exc.reason
                     if recording:
