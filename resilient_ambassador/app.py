@@ -133,7 +133,9 @@ class App:
         # Redis trips one breaker and costs one budget, whichever policy noticed first.
         self.redis: RedisRunner | None = None
         if config.redis.url is not None:
-            self.redis = RedisRunner.from_url(config.redis.url, timeout_s=config.redis.timeout_s)
+            self.redis = RedisRunner.from_url(
+                config.redis.url, timeout_s=config.redis.timeout_s, tls=config.redis.tls
+            )
         self.breaker_sync: SharedBreakerSync | None = None
         shared = [
             stage
