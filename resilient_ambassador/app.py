@@ -566,6 +566,8 @@ class App:
             # connections: /readyz keeps answering 503 through the whole drain, and the admin
             # listener closes last.
             async with trio.open_nursery() as background:
+                if self.redis is not None:  # make the client (a Cluster's slot map) off the request path
+                    background.start_soon(self.redis.connect)
                 if self.access_log is not None:
                     await background.start(self.access_log.run)
                 if self.breaker_sync is not None:

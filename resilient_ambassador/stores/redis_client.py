@@ -68,6 +68,11 @@ _MIN_TLS_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_
 # demoted master still reached through an old connection (READONLY). They count against
 # availability like a dead socket, where other refusals (OOM, a script error) do not.
 _UNAVAILABLE_REPLIES = (ClusterError, TryAgainError, AskError, ReadOnlyError)
+# Replies to a script sent to a Cluster node that another try through the Cluster client can
+# fix: the slot moved (MOVED, ASK), is migrating (TRYAGAIN), a failover is under way
+# (CLUSTERDOWN), or the node does not have the script (NOSCRIPT).
+_ELSEWHERE_REPLIES = (AskError, TryAgainError, ClusterError, NoScriptError)
+ScriptCall: TypeAlias = "tuple[Sequence[str | bytes], Sequence[Any]]"
 
 
 def _socket_options(timeout_s: float) -> dict[str, Any]:
@@ -170,9 +175,9 @@ class LuaScript:
     """One Lua script, by SHA1: EVALSHA, and EVAL (which also caches it on that server) where
     the reply is NOSCRIPT: a restarted or flushed server, a Cluster node that never ran it, a
     replica promoted by a failover. `keys` must share one hash slot in a Cluster; every script
-    here takes one key. redis-py blocks `evalsha` on Cluster pipelines (it cannot load a
-    script on the right node for you); we queue the raw command and handle NOSCRIPT ourselves,
-    so one pipeline still carries a batch across nodes."""
+    here takes one key. redis-py's Cluster pipeline blocks `evalsha` and asks a node for the
+    keys of every script it carries, so batches go to each master in a plain pipeline
+    (`run_batch`)."""
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -184,23 +189,72 @@ class LuaScript:
         except NoScriptError:
             return client.eval(self.source, len(keys), *keys, *args)
 
-    def run_batch(
-        self, client: RedisClient, calls: Sequence[tuple[Sequence[str | bytes], Sequence[Any]]]
-    ) -> list[Any]:
-        """Every `(keys, args)` in one pipeline (redis-py splits a Cluster pipeline by node),
-        the NOSCRIPT ones again with EVAL in a second; replies in order, errors as values."""
+    def run_batch(self, client: RedisClient, calls: Sequence[ScriptCall]) -> list[Any]:
+        """Every `(keys, args)` in one pipeline, the NOSCRIPT ones again with EVAL in a
+        second; replies in order, errors as values. A Cluster gets one pipeline per master."""
+        if isinstance(client, RedisCluster):
+            return self._run_batch_per_node(client, calls)
         pipe = client.pipeline(transaction=False)
         for keys, args in calls:
-            pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
         replies: list[Any] = pipe.execute(raise_on_error=False)
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
             pipe = client.pipeline(transaction=False)
             for i in missing:
                 keys, args = calls[i]
-                pipe.execute_command("EVAL", self.source, len(keys), *keys, *args)
+                pipe.execute_command("EVAL", self.source, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
             for i, reply in zip(missing, pipe.execute(raise_on_error=False), strict=True):
                 replies[i] = reply
+        return replies
+
+    def _run_batch_per_node(self, client: RedisCluster, calls: Sequence[ScriptCall]) -> list[Any]:
+        """One plain pipeline per master, from the client's slot map. Not redis-py's Cluster
+        pipeline: it asks the default node COMMAND GETKEYS for every script in it (a round
+        trip each, and none at all once that node is down), and one dead master fails the
+        whole batch. Here a dead master fails only its own keys (as values) while any node
+        still answers for the slot map, which the client then re-reads; replies that say the
+        slot is elsewhere or busy (MOVED, ASK,
+        TRYAGAIN, CLUSTERDOWN) and NOSCRIPT go again one by one through the Cluster client,
+        which follows redirects."""
+        replies: list[Any] = [None] * len(calls)
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        for i, (keys, _) in enumerate(calls):
+            node = client.get_node_from_key(keys[0])  # type: ignore[no-untyped-call]
+            by_node.setdefault(node.name, (node, []))[1].append(i)
+        again: list[int] = []
+        lost_node = False
+        for node, indexes in by_node.values():
+            connection = node.redis_connection
+            if connection is None:  # not connected since the last slot map: let the client route
+                again.extend(indexes)
+                continue
+            pipe = connection.pipeline(transaction=False)
+            for i in indexes:
+                keys, args = calls[i]
+                pipe.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            try:
+                node_replies = pipe.execute(raise_on_error=False)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                lost_node = True
+                for i in indexes:
+                    replies[i] = exc
+                continue
+            for i, reply in zip(indexes, node_replies, strict=True):
+                if isinstance(reply, _ELSEWHERE_REPLIES):
+                    again.append(i)
+                else:
+                    replies[i] = reply
+        if lost_node:
+            # Re-read the slot map (a replica may have taken the slots over). When no node
+            # answers that either, the Cluster is gone: raise, so the runner counts it.
+            client.nodes_manager.initialize()
+        for i in again:
+            keys, args = calls[i]
+            try:
+                replies[i] = self(client, keys, args)
+            except (redis.RedisError, RedisClusterException) as exc:
+                replies[i] = exc
         return replies
 
 
@@ -268,14 +322,29 @@ class RedisRunner:
         """The client, once made (None before the first call for a lazily made one)."""
         return self._client
 
-    def _connected(self) -> RedisClient:
-        """The client, made now if need be (in a worker thread; the lock is waited for no
-        longer than a call's budget, so abandoned threads do not pile up behind it)."""
+    async def connect(self) -> bool:
+        """Make the client now, in a thread and without a call's budget (a Cluster client
+        reads the slot map and the command table: ~0.1 s on loopback), so requests do not
+        pay for it. The app starts this in the background; False (logged) if Redis did not
+        answer, and the first calls try again."""
+        if self._client is not None:
+            return True
+        try:
+            await trio.to_thread.run_sync(lambda: self._connected(None), abandon_on_cancel=True)
+        except (redis.RedisError, RedisClusterException, OSError) as exc:
+            log.info("redis not reachable at start (%s): calls will try again", _first_line(exc))
+            return False
+        return True
+
+    def _connected(self, wait_s: float | None) -> RedisClient:
+        """The client, made now if need be, in a worker thread. A call waits for another
+        thread's connect for no longer than `wait_s` (its budget), so abandoned threads do not
+        pile up behind a slow one."""
         client = self._client
         if client is not None:
             return client
-        if not self._connecting.acquire(timeout=self.budget_s):
-            raise redis.ConnectionError("still connecting to redis")
+        if not self._connecting.acquire(timeout=-1 if wait_s is None else wait_s):
+            raise _StillConnecting
         try:
             if self._client is None:
                 assert self._connect is not None
@@ -299,8 +368,12 @@ class RedisRunner:
         with trio.move_on_after(self.budget_s if budget_s is None else budget_s):
             try:
                 outcome = await trio.to_thread.run_sync(
-                    lambda: fn(self._connected()), abandon_on_cancel=True, limiter=self._limiter
+                    lambda: fn(self._connected(self.budget_s)), abandon_on_cancel=True, limiter=self._limiter
                 )
+            except _StillConnecting:
+                # Not Redis's fault: another thread is making the client. Not a failure.
+                self.skipped += 1
+                raise StoreUnavailable("redis skipped: still connecting") from None
             except _UNAVAILABLE_REPLIES as exc:
                 self._failed(f"{type(exc).__name__}: {_first_line(exc)}")
                 raise StoreUnavailable(f"redis cannot serve now: {_first_line(exc)}") from exc
@@ -345,6 +418,10 @@ class RedisRunner:
                 why,
                 self._cooldown_s,
             )
+
+
+class _StillConnecting(Exception):
+    """Another thread holds the connect lock past this call's budget."""
 
 
 def _first_line(exc: BaseException) -> str:

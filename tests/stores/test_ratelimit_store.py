@@ -31,12 +31,17 @@ def shared_redis() -> Iterator[str]:
         yield server.url
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def buckets(request: pytest.FixtureRequest, shared_redis: str) -> AsyncIterator[Buckets]:
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def buckets(request: pytest.FixtureRequest) -> AsyncIterator[Buckets]:
+    """Memory, one redis-server, and the session's 3-master Redis Cluster."""
     if request.param == "memory":
         yield MemoryBuckets()
         return
-    runner = RedisRunner.from_url(shared_redis, timeout_s=0.5)
+    if request.param == "cluster":
+        url = request.getfixturevalue("redis_cluster").url
+    else:
+        url = request.getfixturevalue("shared_redis")
+    runner = RedisRunner.from_url(url, timeout_s=0.5)
     try:
         yield RedisBuckets(runner, key_prefix=f"test:{secrets.token_hex(6)}:")
     finally:
