@@ -810,6 +810,7 @@ class App:
                 "forced_opens": sync.forced_opens,
                 "sync_errors": sync.sync_errors,
                 "redis": {
+                    "connected": redis.client is not None,  # a Cluster's client is made at start
                     "healthy": redis.healthy,
                     "calls": redis.calls,
                     "failures": redis.failures,
