@@ -54,10 +54,12 @@ def _safe_command(server: RedisServer, *args: str) -> bytes:
 
 
 class RedisClusterNodes:
-    """Three masters (no replicas) sharing the 16384 slots; `kill(i)`/`restart(i)` one of them
-    (it comes back with its nodes.conf, so with its identity and its slots)."""
+    """Three masters sharing the 16384 slots; `kill(i)`/`restart(i)` one of them (it comes
+    back with its nodes.conf, so with its identity and its slots). `with_replica`: a fourth
+    node, `nodes[3]`, replicates `nodes[0]` and takes its slots over when it dies."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, with_replica: bool = False) -> None:
+        self.masters = 3
         self.nodes = [
             RedisServer(
                 args=(
@@ -75,12 +77,12 @@ class RedisClusterNodes:
                 ),
                 cwd=directory,
             )
-            for i in range(3)
+            for i in range(4 if with_replica else 3)
         ]
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes[: self.masters])
 
     def start(self) -> None:
         assert REDIS_CLI is not None, "redis-cli is not installed"
@@ -91,7 +93,7 @@ class RedisClusterNodes:
                 REDIS_CLI,
                 "--cluster",
                 "create",
-                *(f"127.0.0.1:{n.port}" for n in self.nodes),
+                *(f"127.0.0.1:{n.port}" for n in self.nodes[: self.masters]),
                 "--cluster-replicas",
                 "0",
                 "--cluster-yes",
@@ -101,17 +103,46 @@ class RedisClusterNodes:
             stderr=subprocess.DEVNULL,
             timeout=READY_TIMEOUT_S,
         )
+        if len(self.nodes) > self.masters:
+            self.wait_ok(known=self.masters)
+            master_id = self.nodes[0].command("CLUSTER", "MYID").split(b"\r\n")[1].decode()
+            subprocess.run(
+                [
+                    REDIS_CLI,
+                    "--cluster",
+                    "add-node",
+                    f"127.0.0.1:{self.nodes[3].port}",
+                    f"127.0.0.1:{self.nodes[0].port}",
+                    "--cluster-slave",
+                    "--cluster-master-id",
+                    master_id,
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=READY_TIMEOUT_S,
+            )
+            wait_for(
+                lambda: (
+                    _info_field(_safe_command(self.nodes[3], "INFO", "replication"), "master_link_status")
+                    == "up"
+                ),
+                "the replica to sync",
+            )
         self.wait_ok()
 
-    def wait_ok(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Every node answers, agrees the cluster is ok, and knows all three masters."""
+    def wait_ok(self, timeout_s: float = READY_TIMEOUT_S, *, known: int | None = None) -> None:
+        """Every live node answers, agrees the cluster is ok, and knows every node."""
+        want = str(known or len(self.nodes))
 
         def whole() -> bool:
-            for node in self.nodes:
+            for node in self.nodes[: int(want)]:
+                if node.process is None:
+                    continue
                 info = _safe_command(node, "CLUSTER", "INFO")
                 if _info_field(info, "cluster_state") != "ok":
                     return False
-                if _info_field(info, "cluster_known_nodes") != "3":
+                if _info_field(info, "cluster_known_nodes") != want:
                     return False
                 if _info_field(info, "cluster_slots_ok") != "16384":
                     return False
@@ -240,14 +271,15 @@ class TlsRedis:
 
 
 @contextlib.contextmanager
-def _directory() -> Iterator[Path]:
+def temp_directory() -> Iterator[Path]:
+    """A temporary directory for servers' files (nodes.conf, sentinel.conf, certificates)."""
     with tempfile.TemporaryDirectory(prefix="ra-redis-") as name:
         yield Path(name)
 
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisClusterNodes]:
-    with _directory() as directory:
+    with temp_directory() as directory:
         cluster = RedisClusterNodes(directory)
         try:
             cluster.start()
@@ -258,7 +290,7 @@ def redis_cluster() -> Iterator[RedisClusterNodes]:
 
 @pytest.fixture(scope="session")
 def redis_sentinel() -> Iterator[RedisSentinelSetup]:
-    with _directory() as directory:
+    with temp_directory() as directory:
         setup = RedisSentinelSetup(directory)
         try:
             setup.start()
@@ -269,7 +301,7 @@ def redis_sentinel() -> Iterator[RedisSentinelSetup]:
 
 @pytest.fixture(scope="session")
 def tls_redis() -> Iterator[TlsRedis]:
-    with _directory() as directory:
+    with temp_directory() as directory:
         tls = TlsRedis(directory)
         try:
             tls.server.start()

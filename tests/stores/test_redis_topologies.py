@@ -25,7 +25,7 @@ from resilient_ambassador.stores.shared_quota import SharedQuotaSync
 from tests.stages.test_breaker_shared import replicas
 from tests.stages.test_breaker_shared import wait_for as wait_until
 from tests.stages.test_breaker_stage import expect_open, trip
-from tests.stores.redis_topologies import RedisClusterNodes, RedisSentinelSetup, TlsRedis
+from tests.stores.redis_topologies import RedisClusterNodes, RedisSentinelSetup, TlsRedis, temp_directory
 from tests.stores.test_cache_store_contract import Clock, make_entry
 from tests.support.process import free_port
 
@@ -242,6 +242,29 @@ async def test_cluster_master_killed_falls_back_within_the_budget_then_recovers(
     await poll(lambda: decided_by_redis(buckets, doomed), "the restarted master to decide again", 5.0)
     assert runner.healthy
     assert redis_cluster.nodes[0].command("EXISTS", f"{prefix}rl:{{{doomed}}}") == b":1\r\n"
+
+
+async def test_cluster_failover_promotes_the_replica_and_decisions_follow_it(
+    runners: Runners, prefix: str
+) -> None:
+    with temp_directory() as directory:
+        cluster = RedisClusterNodes(directory, with_replica=True)
+        try:
+            cluster.start()
+            runner = await runners(cluster.url)
+            buckets = RedisBuckets(runner, key_prefix=prefix)
+            keys = [key() for _ in range(30)]
+            assert await decide_many(buckets, keys) == [True] * 30
+            doomed = next(k for k in keys if cluster.node_for(f"{prefix}rl:{{{k}}}") == 0)
+            cluster.kill(0)
+            # Within the budget meanwhile (local decisions); then the replica is elected
+            # (cluster-node-timeout 1 s + election), the client re-reads the slot map, and the
+            # promoted replica decides, with the bucket it replicated.
+            await poll(lambda: decided_by_redis(buckets, doomed), "decisions by the promoted replica", 15.0)
+            assert cluster.node_for(f"{prefix}rl:{{{doomed}}}") == 3
+            assert cluster.nodes[3].command("EXISTS", f"{prefix}rl:{{{doomed}}}") == b":1\r\n"
+        finally:
+            cluster.stop()
 
 
 # -- Sentinel --------------------------------------------------------------------------------
