@@ -6,6 +6,7 @@ wall clock, and every wait polls for a condition under a deadline."""
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 import trio
 import trustme
 
-from resilient_ambassador.core.config import TLSConfig
+from resilient_ambassador.core.config import RateLimitConfig, RedisConfig, RouteConfig, TLSConfig
 from resilient_ambassador.core.ratelimit import Limit, descriptor_key
 from resilient_ambassador.stores.cache_redis import RedisCacheStore
 from resilient_ambassador.stores.errors import StoreUnavailable
@@ -27,7 +28,10 @@ from tests.stages.test_breaker_shared import wait_for as wait_until
 from tests.stages.test_breaker_stage import expect_open, trip
 from tests.stores.redis_topologies import RedisClusterNodes, RedisSentinelSetup, TlsRedis, temp_directory
 from tests.stores.test_cache_store_contract import Clock, make_entry
+from tests.support.client import http_request
+from tests.support.daemon import simple_config, start_daemon, upstream_config
 from tests.support.process import free_port
+from tests.support.upstream import start_fake_upstream
 
 BUDGET_S = 0.2
 COOLDOWN_S = 0.2
@@ -349,3 +353,22 @@ async def test_rediss_refuses_an_untrusted_server_and_a_missing_client_certifica
         with pytest.raises(StoreUnavailable):
             await runner.call(lambda client: client.ping())
         assert runner.failures == 1  # a failed handshake counts against availability
+
+
+async def test_a_daemon_shares_its_limit_through_rediss(nursery: trio.Nursery, tls_redis: TlsRedis) -> None:
+    """The config's redis.tls reaches the daemon's client (app.py): two daemons, one limit."""
+    upstream = await start_fake_upstream(nursery)
+    redis = RedisConfig(
+        url=tls_redis.url(), key_prefix=f"test:{secrets.token_hex(6)}:", tls=tls_config(tls_redis)
+    )
+    limit = RateLimitConfig(count=3, period_s=60.0, burst=3, backend="redis")
+    config = dataclasses.replace(
+        simple_config(
+            upstream_config(upstream.url()), routes=[RouteConfig(upstream="up", name="api", rate_limit=limit)]
+        ),
+        redis=redis,
+    )
+    daemons = [await start_daemon(nursery, config) for _ in range(2)]
+    statuses = [(await http_request(daemons[i % 2].port, "GET", "/")).status for i in range(4)]
+    assert statuses == [200, 200, 200, 429]
+    assert all(d.app.redis is not None and d.app.redis.failures == 0 for d in daemons)
