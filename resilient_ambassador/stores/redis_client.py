@@ -11,8 +11,9 @@ unix://), a Sentinel-managed master (sentinel://: the client asks the Sentinels 
 on every new connection, so a promoted replica is found after the old master's connections
 fail), and a Redis Cluster (redis+cluster://: redis-py's `RedisCluster`, which follows MOVED
 and re-reads the slot map after a node fails). A Cluster client reads the slot map when it is
-made, so it is made lazily, in the first call's worker thread and within its budget: a daemon
-starts while its Cluster is down and connects once it answers.
+made, so it is made in a thread: by `RedisRunner.connect`, which the app starts in the
+background, or else by the first call. A daemon starts while its Cluster is down and connects
+once it answers.
 
 Lua scripts run through `LuaScript`: EVALSHA, and EVAL where a server (or Cluster node) does
 not know the script yet. Never SCRIPT LOAD: in a Cluster it goes to every master, and fails
