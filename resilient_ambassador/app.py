@@ -26,6 +26,7 @@ from resilient_ambassador.net.access_log import AccessLog
 from resilient_ambassador.net.admin import AdminServer, Readiness
 from resilient_ambassador.net.listen import open_listeners
 from resilient_ambassador.net.relay import RelayServer
+from resilient_ambassador.net.resolver import Resolver
 from resilient_ambassador.net.server import HttpServer, RouteRuntime
 from resilient_ambassador.net.upstream import ConnectionPool, UpstreamClient
 from resilient_ambassador.secrets import SecretResolver
@@ -118,8 +119,11 @@ class App:
         *,
         worker: int | None = None,
         telemetry: Telemetry | None = None,
+        resolver: Resolver | None = None,
     ) -> None:
         self.config = config
+        # One DNS cache for every upstream pool and relay (tests inject a lookup function).
+        self.resolver = resolver or Resolver(config.dns)
         # Set when this process is worker N of `--workers`: listeners bind with SO_REUSEPORT.
         self.worker = worker
         self.secrets = secrets or SecretResolver()
@@ -173,7 +177,9 @@ class App:
         ]
         # protocol: tcp listeners (relays); a reload leaves them as they are.
         self.relays: list[RelayServer] = [
-            RelayServer(listener) for listener in config.listeners if listener.protocol == "tcp"
+            RelayServer(listener, self.resolver)
+            for listener in config.listeners
+            if listener.protocol == "tcp"
         ]
         self.access_log = (
             AccessLog(config.access_log, self.secrets.secret_values) if config.access_log.enabled else None
@@ -426,7 +432,7 @@ class App:
                     keep.breakers[name],
                 )
                 continue
-            pools[name] = ConnectionPool(up)
+            pools[name] = ConnectionPool(up, self.resolver)
             clients[name] = UpstreamClient(up, pools[name], self.secrets)
             # Each attempt gets its CLIENT span inside the breaker: a refused call makes none.
             attempts[name] = AttemptTelemetry(clients[name], self.telemetry, up)
@@ -566,6 +572,7 @@ class App:
             # connections: /readyz keeps answering 503 through the whole drain, and the admin
             # listener closes last.
             async with trio.open_nursery() as background:
+                await background.start(self.resolver.run)
                 if self.redis is not None:  # make the client (a Cluster's slot map) off the request path
                     background.start_soon(self.redis.connect)
                 if self.access_log is not None:
@@ -687,7 +694,7 @@ class App:
     async def _reload(self, config: Config) -> None:
         if self.draining or self.unready or self._accept_nursery is None:
             raise ReloadError("not serving (starting or draining)")
-        fixed = ("admin", "redis", "workers", "access_log", "telemetry", "cache")
+        fixed = ("admin", "redis", "workers", "access_log", "telemetry", "cache", "dns")
         changed = [key for key in fixed if getattr(config, key) != getattr(self.config, key)]
         if changed:
             log.warning("reload: %s changed; that takes effect at the next restart", ", ".join(changed))
@@ -847,6 +854,7 @@ class App:
             },
             "tcp_listeners": tcp_listeners,
             "cache": self._cache_stats(),
+            "dns": {"entries": self.resolver.entries, **asdict(self.resolver.stats)},
         }
 
     def _rate_limit_stats(self) -> dict[str, Json]:

@@ -30,6 +30,7 @@ from resilient_ambassador.core.config import (
     CacheStoreConfig,
     ClientLimits,
     Config,
+    DNSConfig,
     DrainConfig,
     ListenerConfig,
     ListenerTLS,
@@ -346,6 +347,14 @@ _REDIS: _Schema = {
     "timeout": ("timeout_s", _At.duration),
     "key_prefix": ("key_prefix", lambda at: at.parsed(parse_key_prefix, "a key prefix like ra:")),
     "tls": ("tls", lambda at: TLSConfig(**_section(at, _REDIS_TLS))),
+}
+
+_DNS: _Schema = {
+    "max_ttl": ("max_ttl_s", _At.duration),
+    "negative_ttl": ("negative_ttl_s", _At.duration),
+    # 0s turns stale serving off: an expired answer is looked up again before connecting.
+    "max_stale": ("max_stale_s", lambda at: at.parsed(parse_duration, "a duration like 0s, 30s, 1m")),
+    "timeout": ("timeout_s", _At.duration),
 }
 
 _ROUTE_CACHE: _Schema = {
@@ -686,6 +695,7 @@ class _Builder:
                 "workers",
                 "telemetry",
                 "cache",
+                "dns",
             ),
             ("listeners",),
         )
@@ -719,6 +729,7 @@ class _Builder:
         access_log = AccessLogConfig(**_section(found.get("access_log"), _ACCESS_LOG))
         workers = found["workers"].count() if "workers" in found else 1
         telemetry = TelemetryConfig(**_section(found.get("telemetry"), _TELEMETRY))
+        dns = DNSConfig(**_section(found.get("dns"), _DNS))
         return Config(
             listeners,
             self._upstreams,
@@ -730,6 +741,7 @@ class _Builder:
             workers,
             telemetry,
             cache,
+            dns,
         )
 
     def _admin(self, at: _At | None) -> AdminConfig:

@@ -20,6 +20,7 @@ from resilient_ambassador.core.config import (
     BreakerConfig,
     ClientLimits,
     Config,
+    DNSConfig,
     DrainConfig,
     ListenerConfig,
     MiB,
@@ -177,6 +178,16 @@ def test_minimal_config_gets_defaults() -> None:
     assert config.drain == DrainConfig()
 
 
+def test_dns_section() -> None:
+    text = """\
+        listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
+        upstreams: {api: {url: "http://api.default.svc:8080"}}
+        """
+    assert load(text).dns == DNSConfig()
+    config = load(text + "dns: {max_ttl: 10s, negative_ttl: 500ms, max_stale: 0s, timeout: 1s}\n")
+    assert config.dns == DNSConfig(max_ttl_s=10.0, negative_ttl_s=0.5, max_stale_s=0.0, timeout_s=1.0)
+
+
 def test_route_order_is_kept() -> None:
     config = load(
         """\
@@ -252,7 +263,26 @@ ERRORS = {
         stats: {listen: 127.0.0.1:9902}
         """,
         "ambassador.yaml:3: stats: unknown key "
-        "(expected one of: listeners, upstreams, drain, redis, admin, access_log, workers, telemetry, cache)",
+        "(expected one of: listeners, upstreams, drain, redis, admin, access_log, workers, telemetry, "
+        "cache, dns)",
+    ),
+    "dns unknown key": (
+        """\
+        listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
+        upstreams: {api: {url: "http://api.default.svc:8080"}}
+        dns:
+          ttl: 30s
+        """,
+        "ambassador.yaml:4: dns.ttl: "
+        "unknown key (expected one of: max_ttl, negative_ttl, max_stale, timeout)",
+    ),
+    "dns zero negative ttl": (
+        """\
+        listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]
+        upstreams: {api: {url: "http://api.default.svc:8080"}}
+        dns: {negative_ttl: 0s}
+        """,
+        "ambassador.yaml:3: dns.negative_ttl: must be greater than 0",
     ),
     "bad access log format": (
         """\

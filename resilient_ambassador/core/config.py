@@ -395,6 +395,26 @@ class CacheStoreConfig:
 
 @final
 @dataclass(frozen=True, slots=True)
+class DNSConfig:
+    """How upstream host names are resolved (docs/configuration.md, `dns`). getaddrinfo gives
+    no TTL, so `max_ttl_s` is how long an answer is used, like nginx's `resolver valid=`."""
+
+    # Short enough that a rescheduled pod behind a headless service (or a changed external
+    # record) is picked up within half a minute; one lookup per name per 30 s costs nothing.
+    max_ttl_s: float = 30.0
+    # A failed lookup is remembered this long, so a broken name costs one lookup per period
+    # instead of one per request (Envoy retries failed DNS at its 5 s refresh rate).
+    negative_ttl_s: float = 2.0
+    # Past max_ttl an answer is still served for this long while one background refresh runs
+    # (or after it failed: a CoreDNS restart does not take upstreams down with it).
+    max_stale_s: float = 60.0
+    # Budget of one lookup; below the 3.5 s connect timeout so a hung resolver is reported as
+    # a DNS failure (glibc's own per-try timeout is 5 s).
+    timeout_s: float = 2.0
+
+
+@final
+@dataclass(frozen=True, slots=True)
 class Config:
     listeners: tuple[ListenerConfig, ...]
     upstreams: dict[str, UpstreamConfig]
@@ -407,3 +427,4 @@ class Config:
     workers: int = 1
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     cache: CacheStoreConfig = field(default_factory=CacheStoreConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)

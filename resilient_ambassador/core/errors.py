@@ -1,4 +1,4 @@
-"""Our error tree. Foreign exceptions (trio, h11, ssl, OS) are mapped to these at the `net`
+"""Our error tree. Foreign exceptions (trio, ssl, OS) and framing errors are mapped to these at the `net`
 boundary, so stages and the server only ever reason about these."""
 
 from __future__ import annotations
@@ -145,13 +145,3 @@ class LoopDetected(ProxyError):
 
     status = 508
     reason = "loop_detected"
-
-
-def describe_parse_error(message: str) -> str:
-    """A parser's complaint without the bytes it quotes: h11 says `illegal header line:
-    bytearray(b'Authorization : Bearer ...')`, and those bytes may be a credential, which must
-    reach neither the client, the log, nor a trace."""
-    for marker in (": bytearray(", ": b'", ': b"'):
-        if marker in message:
-            return message.split(marker, 1)[0]
-    return message

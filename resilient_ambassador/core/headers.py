@@ -1,9 +1,9 @@
-"""Header and framing rules for a forwarding proxy (RFC 9110 section 7.6, RFC 9112).
+"""Header rules for a forwarding proxy (RFC 9110 section 7.6, RFC 9112).
 
-h11 parses, but it is permissive where a proxy must not be: it accepts a complete head of any
-size in one read, obs-fold, bare LF, both framing headers at once, absolute-form targets for
-another host and any HTTP/x.y version. These pure checks close those gaps; `net.server` runs
-`check_request_head` on the raw bytes before h11 sees them and `check_request` on h11's event.
+core/http1.py parses and frames; these are the proxy's own limits and rules on top:
+`scan_request_head` bounds the raw bytes of a head (size, field count, bare LF, obs-fold) before
+it is parsed, `check_request` refuses what must not be forwarded, and the rest rewrites headers
+on the way through.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ class HeadScan:
 def scan_request_head(buf: bytes | bytearray, limits: ClientLimits) -> HeadScan:
     """Find the end of the request head in `buf` and enforce our limits on its raw bytes.
 
-    Raises ClientError (414/431/400). Runs before h11 sees the bytes, because h11 enforces
-    its size limit only on data that is still incomplete.
+    Raises ClientError (414/431/400). Runs on every read before the head is parsed, so an
+    oversized head is refused as soon as it is, not once it is complete.
     """
     start = 0
     while buf.startswith(b"\r\n", start):  # RFC 9112 2.2: ignore empty lines before a request
@@ -92,24 +92,14 @@ def scan_request_head(buf: bytes | bytearray, limits: ClientLimits) -> HeadScan:
     return HeadScan(complete=True, head_length=end + 4)
 
 
-def check_request(method: bytes, target: bytes, http_version: bytes, headers: Headers) -> None:
-    """Reject what a forwarding proxy must not pass on. Raises ClientError."""
-    if http_version not in (b"1.1", b"1.0"):
-        raise ClientError(505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1")
+def check_request(method: bytes, target: bytes) -> None:
+    """Reject what a forwarding proxy must not pass on (framing was checked by the parser).
+    Raises ClientError."""
     if method.upper() != method:
         # Methods are case-sensitive (RFC 9110 9.1); `get` is not GET and often a probe.
         raise ClientError(400, "bad_request", "invalid method")
     if method == b"CONNECT":
         raise ClientError(405, "method_not_allowed", "CONNECT is not supported")
-    has_te = has_cl = False
-    for name, _ in headers:
-        if name == b"transfer-encoding":
-            has_te = True
-        elif name == b"content-length":
-            has_cl = True
-    if has_te and has_cl:
-        # RFC 9112 6.3: may be a smuggling attempt; a proxy MUST NOT forward both.
-        raise ClientError(400, "bad_request", "both Content-Length and Transfer-Encoding")
     if target == b"*" and method != b"OPTIONS":
         raise ClientError(400, "bad_request", "asterisk-form target is only valid for OPTIONS")
 
@@ -242,8 +232,8 @@ def inject_query(target: bytes, params: Iterable[tuple[bytes, bytes]]) -> bytes:
 
 
 def response_headers_for_client(headers: Headers, secrets: Iterable[bytes] = ()) -> Headers:
-    """Upstream response headers as the client may see them: hop-by-hop removed (h11 sets our
-    own framing), and any header echoing an injected secret dropped."""
+    """Upstream response headers as the client may see them: hop-by-hop removed (the server
+    sets its own framing), and any header echoing an injected secret dropped."""
     drop = HOP_BY_HOP | connection_tokens(headers)
     secrets = [s for s in secrets if s]
     out: Headers = []

@@ -1,6 +1,6 @@
 """Request and response as they travel through the stages: heads plus a streamed body.
 
-Header names are lower-case bytes (as h11 gives them); values are bytes. Bodies are async
+Header names are lower-case bytes (as core/http1.py parses them); values are bytes. Bodies are async
 byte iterators so a 1 GiB response never sits in memory; a buffered body (`BufferedBody`) can
 be replayed, which is what makes a retry possible.
 """

@@ -1,5 +1,6 @@
-"""The admin listener: a small h11 server for /healthz, /readyz, /stats, /config, /metrics and
-the cache purge (`POST /cache/purge?url=/path` or `?prefix=/path/`, or the same as a JSON body).
+"""The admin listener: a small HTTP/1.1 server (on core/http1.py) for /healthz, /readyz, /stats,
+/config, /metrics and the cache purge (`POST /cache/purge?url=/path` or `?prefix=/path/`, or the
+same as a JSON body).
 
 It never forwards anything: every answer is built from the callbacks the app hands it. It is
 deliberately stingy, since it shares the process with the data path: one request per
@@ -16,17 +17,23 @@ from http import HTTPStatus
 from typing import Literal, final
 from urllib.parse import parse_qsl
 
-import h11
 import trio
 
-from resilient_ambassador.core.errors import ClientError, describe_parse_error
+from resilient_ambassador.core.errors import ClientError
+from resilient_ambassador.core.http1 import (
+    HEAD_END,
+    ChunkedDecoder,
+    FramingError,
+    RequestHead,
+    parse_request_head,
+    response_head_bytes,
+)
 from resilient_ambassador.core.messages import Headers
 from resilient_ambassador.net.server import error_headers, linger_close
 
 log = logging.getLogger("resilient_ambassador.admin")
 
-# Admin requests are a path and a few headers; 8 KiB is h11's own order of magnitude and
-# leaves nothing for a slowloris to fill.
+# Admin requests are a path and a few headers; 8 KiB leaves nothing for a slowloris to fill.
 ADMIN_HEAD_BYTES = 8 * 1024
 # The whole exchange (read the head, answer, close) must fit in this: probes and scrapers
 # answer in milliseconds, and a stuck client must not hold a slot.
@@ -82,7 +89,7 @@ class AdminServer:
             stream.socket.close()
 
     def answer(self, method: bytes, target: bytes) -> tuple[int, Headers, bytes]:
-        """Status, headers and body for one request (the body even for HEAD: h11 drops it)."""
+        """Status, headers and body for one request (the body even for HEAD: not sent then)."""
         if method not in (b"GET", b"HEAD"):
             status, headers, body = _error(405, "method_not_allowed", "the admin API is read-only")
             return status, [*headers, (b"allow", b"GET, HEAD")], body
@@ -104,47 +111,29 @@ class AdminServer:
         )
 
     async def _exchange(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=ADMIN_HEAD_BYTES)
+        buffer = bytearray()
         try:
-            request = await _read_request(conn, stream)
-        except h11.RemoteProtocolError as exc:
-            status, headers, body = _error(
-                exc.error_status_hint, "bad_request", describe_parse_error(str(exc))
-            )
-            # By hand: h11 will not answer once the client's side is in ERROR.
-            head = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
-            head.extend(name + b": " + value for name, value in headers)
-            head.append(b"connection: close")
-            await _send(stream, b"\r\n".join(head) + b"\r\n\r\n" + body)
-            await linger_close(stream, LINGER_S, LINGER_BYTES)
+            request = await _read_request(stream, buffer)
+        except FramingError as exc:
+            status, headers, body = _error(exc.status, "bad_request", exc.message)
+            await _answer(stream, status, headers, body)
             return
         if request is None:
             return
         if request.method == b"POST" and request.target.split(b"?", 1)[0] == PURGE_PATH:
-            status, headers, body = await self._purge_answer(conn, stream, request)
+            status, headers, body = await self._purge_answer(stream, buffer, request)
         else:
             status, headers, body = self.answer(request.method, request.target)
-        out = conn.send(
-            h11.Response(
-                status_code=status,
-                headers=[*headers, (b"connection", b"close")],
-                reason=HTTPStatus(status).phrase.encode(),
-            )
-        )
-        if request.method != b"HEAD":
-            out += conn.send(h11.Data(data=body))
-        out += conn.send(h11.EndOfMessage())
-        await _send(stream, out)
-        await linger_close(stream, LINGER_S, LINGER_BYTES)
+        await _answer(stream, status, headers, b"" if request.method == b"HEAD" else body)
 
     async def _purge_answer(
-        self, conn: h11.Connection, stream: trio.SocketStream, request: h11.Request
+        self, stream: trio.SocketStream, buffer: bytearray, request: RequestHead
     ) -> tuple[int, Headers, bytes]:
         if self._purge is None:
             return _error(404, "not_found", "the cache is off")
-        _, _, query = bytes(request.target).partition(b"?")
+        _, _, query = request.target.partition(b"?")
         params: dict[str, object] = dict(parse_qsl(query.decode("latin-1")))
-        body = await _read_body(conn, stream)
+        body = await _read_body(stream, buffer, request)
         if body is None:
             return _error(413, "body_too_large", "purge requests are small JSON documents")
         if body.strip():
@@ -168,46 +157,66 @@ class AdminServer:
         return status, out[1], out[2]
 
 
-async def _read_body(conn: h11.Connection, stream: trio.SocketStream) -> bytes | None:
-    """A small request body (None when over the limit or the client went away)."""
-    body = bytearray()
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError:
-            return None
-        if event is h11.NEED_DATA:
-            try:
-                data = await stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                return None
-            if not data:
-                return None
-            conn.receive_data(data)
-            continue
-        if isinstance(event, h11.Data):
-            body += event.data
-            if len(body) > MAX_PURGE_BODY_BYTES:
-                return None
-            continue
-        return bytes(body)
+async def _answer(stream: trio.SocketStream, status: int, headers: Headers, body: bytes) -> None:
+    """One response, then close the way nginx's lingering close does."""
+    head = response_head_bytes(
+        status, HTTPStatus(status).phrase.encode(), [*headers, (b"connection", b"close")]
+    )
+    await _send(stream, head + body)
+    await linger_close(stream, LINGER_S, LINGER_BYTES)
 
 
-async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
+async def _receive(stream: trio.SocketStream) -> bytes:
+    try:
+        return bytes(await stream.receive_some(RECEIVE_BYTES))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return b""
+
+
+async def _read_body(stream: trio.SocketStream, buffer: bytearray, request: RequestHead) -> bytes | None:
+    """A small request body (None when over the limit, malformed, or the client went away)."""
+    if request.chunked:
+        decoder = ChunkedDecoder()
+        body = bytearray()
+        while True:
             try:
-                data = await stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                body += decoder.decode(buffer)
+            except FramingError:
                 return None
+            if decoder.done:
+                return bytes(body)
+            if len(body) + decoder.declared_left > MAX_PURGE_BODY_BYTES:
+                return None
+            data = await _receive(stream)
             if not data:
-                return None  # closed, possibly after half a head: nothing to answer
-            conn.receive_data(data)
-            continue
-        if isinstance(event, h11.Request):
-            return event
+                return None
+            buffer += data
+    length = request.content_length or 0
+    if length > MAX_PURGE_BODY_BYTES:
         return None
+    while len(buffer) < length:
+        data = await _receive(stream)
+        if not data:
+            return None
+        buffer += data
+    return bytes(buffer[:length])
+
+
+async def _read_request(stream: trio.SocketStream, buffer: bytearray) -> RequestHead | None:
+    """The request head (None: the client closed, possibly after half a head). Raises
+    FramingError, 431 when the head outgrows ADMIN_HEAD_BYTES."""
+    while True:
+        end = buffer.find(HEAD_END)
+        if end != -1:
+            head = bytes(buffer[: end + 4])
+            del buffer[: end + 4]
+            return parse_request_head(head)
+        if len(buffer) > ADMIN_HEAD_BYTES:
+            raise FramingError("request head too large", 431)
+        data = await _receive(stream)
+        if not data:
+            return None
+        buffer += data
 
 
 async def _send(stream: trio.SocketStream, data: bytes) -> None:

@@ -34,15 +34,14 @@ from resilient_ambassador.core.config import ListenerConfig, RelayConfig, Upstre
 from resilient_ambassador.core.errors import (
     BreakerOpen,
     ProxyError,
-    UpstreamConnectError,
     UpstreamConnectTimeout,
-    UpstreamDNSError,
     UpstreamError,
     UpstreamTLSError,
 )
 from resilient_ambassador.core.log_throttle import LogThrottle
 from resilient_ambassador.core.messages import Handler, Request, Response
 from resilient_ambassador.core.ratelimit import ConnectionRate
+from resilient_ambassador.net.resolver import Resolver
 from resilient_ambassador.net.tls import client_context, server_context
 from resilient_ambassador.stages.breaker import BreakerStage
 
@@ -130,9 +129,10 @@ class _Connector:
 class RelayServer:
     """Serves one tcp listener; `handle_connection` is given to `trio.serve_listeners`."""
 
-    def __init__(self, config: ListenerConfig) -> None:
+    def __init__(self, config: ListenerConfig, resolver: Resolver | None = None) -> None:
         assert config.relay is not None, "a tcp listener has a relay section"
         self.config = config
+        self._resolver = resolver or Resolver()  # the app passes its one shared resolver
         self.relay: RelayConfig = config.relay
         relay = self.relay
         self.stats = RelayStats()
@@ -248,16 +248,8 @@ class RelayServer:
         timeout_s = self.relay.connect_timeout_s
         try:
             with trio.fail_after(timeout_s):
-                try:
-                    tcp = await trio.open_tcp_stream(url.host, url.port)
-                except socket.gaierror as exc:
-                    raise UpstreamDNSError(
-                        f"DNS resolution failed for {url.host} ({url}): {exc.strerror}", upstream=name
-                    ) from exc
-                except OSError as exc:
-                    raise UpstreamConnectError(
-                        f"connect to {url} failed: {exc.strerror or exc}", upstream=name
-                    ) from exc
+                # DNS (cached, see net.resolver) and a connect through the answer's addresses.
+                tcp = await self._resolver.connect(url.host, url.port, upstream=name)
                 if self._client_ssl is None or url.scheme != "tls":
                     return tcp
                 return await self._originate_tls(tcp, url)

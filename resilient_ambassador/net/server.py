@@ -1,9 +1,10 @@
-"""The downstream side: an HTTP/1.1 keep-alive server (h11 on trio) that hands each request to
-its route's pipeline and streams the response back.
+"""The downstream side: an HTTP/1.1 keep-alive server on trio that hands each request to its
+route's pipeline and streams the response back.
 
-It enforces what h11 leaves to us: head size limits on the raw bytes, a header-read deadline,
-a body deadline and size limit, a send timeout, requests-per-connection, and a clean close
-(with a 4xx answer) for anything malformed. See core/headers.py for the rules themselves.
+Syntax and framing are core/http1.py's; this module adds what needs a clock and a socket: head
+size limits on the raw bytes, a header-read deadline, a body deadline and size limit, a send
+timeout, requests-per-connection, and a clean close (with a 4xx answer) for anything malformed.
+See core/headers.py for the proxy rules themselves.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import final
 
-import h11
 import trio
 
 from resilient_ambassador.core.access_log import AccessRecord, redact_target
@@ -27,7 +27,6 @@ from resilient_ambassador.core.errors import (
     LoopDetected,
     NoRoute,
     ProxyError,
-    describe_parse_error,
 )
 from resilient_ambassador.core.headers import (
     check_request,
@@ -36,6 +35,16 @@ from resilient_ambassador.core.headers import (
     origin_form_target,
     scan_request_head,
     via_loop,
+)
+from resilient_ambassador.core.http1 import (
+    LAST_CHUNK,
+    ChunkedDecoder,
+    FramingError,
+    RequestHead,
+    chunk_bytes,
+    declared_length,
+    parse_request_head,
+    response_head_bytes,
 )
 from resilient_ambassador.core.log_throttle import LogThrottle
 from resilient_ambassador.core.messages import (
@@ -48,6 +57,7 @@ from resilient_ambassador.core.messages import (
     Response,
 )
 from resilient_ambassador.core.routing import Router
+from resilient_ambassador.net import sockio
 from resilient_ambassador.net.access_log import AccessLog
 
 log = logging.getLogger("resilient_ambassador.server")
@@ -63,6 +73,7 @@ REASON_HEADER = b"x-ambassador-error"
 # before closing (nginx lingering_timeout is 5 s; we only need the answer to get through).
 LINGER_S = 1.0
 LINGER_BYTES = 256 * 1024
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class ClientGone(Exception):
@@ -84,6 +95,13 @@ class RouteRuntime:
     upstream_host: bytes
 
 
+_PHRASES = {int(status): status.phrase.encode() for status in HTTPStatus}
+
+
+def _phrase(status: int) -> bytes:
+    return _PHRASES.get(status, b"")
+
+
 def error_headers(error: ProxyError, body: bytes) -> Headers:
     headers = [
         (b"content-type", b"application/json"),
@@ -100,13 +118,13 @@ def error_headers(error: ProxyError, body: bytes) -> Headers:
 def error_response(error: ProxyError, *, head: bool = False) -> Response:
     """The daemon's own answer: a short JSON body and a reason header, never header values.
     `head`: the answer to a HEAD request, with the same headers and no content (RFC 9110
-    9.3.2); h11 refuses to send content there, which would abort the connection instead."""
+    9.3.2); content there would be taken as the next response, so the server aborts instead."""
     body = error.body()
     return Response(
         status=error.status,
         headers=error_headers(error, body),
         body=EMPTY_BODY if head else BufferedBody(body),
-        reason=HTTPStatus(error.status).phrase.encode(),
+        reason=_phrase(error.status),
     )
 
 
@@ -187,18 +205,27 @@ class DownstreamBody:
     __slots__ = (
         "_client",
         "_deadline",
+        "_decoder",
+        "_left",
         "_length",
-        "_limit",
-        "_peeked",
         "_received",
         "_started",
         "done",
+        "limit",
     )
 
-    def __init__(self, client: ClientConnection, length: int | None, limit: int) -> None:
+    def __init__(self, client: ClientConnection, head: RequestHead) -> None:
         self._client = client
-        self._length = length
-        self._limit = limit
+        self._length = head.content_length
+        self._left = head.content_length or 0
+        self._decoder = (
+            ChunkedDecoder(
+                max_trailers=client.limits.max_header_count, max_trailer_bytes=client.limits.max_header_bytes
+            )
+            if head.chunked
+            else None
+        )
+        self.limit = math.inf  # the route's, once routed
         self._received = 0
         self._started = False
         self._deadline = math.inf
@@ -219,91 +246,121 @@ class DownstreamBody:
         return self
 
     async def __anext__(self) -> bytes:
+        if self.done:
+            raise StopAsyncIteration
         client = self._client
-        h = client.h11
+        buffer = client.buffer
         if not self._started:
             self._started = True
             self._deadline = trio.current_time() + client.limits.body_read_timeout_s
-            if h.they_are_waiting_for_100_continue:
-                await client.send(h.send(h11.InformationalResponse(status_code=100, headers=[])))
+            if client.expect_continue and not buffer:
+                await client.send(CONTINUE)
+        decoder = self._decoder
         while True:
-            try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise ClientError(
-                    exc.error_status_hint,
-                    "bad_request",
-                    f"bad request body: {describe_parse_error(str(exc))}",
-                ) from None
-            if event is h11.NEED_DATA:
-                data = await client.receive(self._deadline, "request body timeout")
-                h.receive_data(bytes(data))
-                continue
-            if isinstance(event, h11.Data):
-                self._received += len(event.data)
+            if decoder is None:
+                if buffer:
+                    data = bytes(buffer[: self._left])
+                    del buffer[: len(data)]
+                    self._left -= len(data)
+                    self.done = self._left == 0
+                    return data
+            else:
+                try:
+                    data = decoder.decode(buffer)
+                except FramingError as exc:
+                    raise ClientError(
+                        exc.status, _client_reason(exc.status), f"bad request body: {exc.message}"
+                    ) from None
+                self._received += len(data)
                 # A chunk counts at its declared size: one claiming 2**64 bytes is refused now,
                 # not after a megabyte has been streamed upstream or the body timeout.
-                if self._received + _declared_chunk_left(h) > self._limit:
+                if self._received + decoder.declared_left > self.limit:
                     raise ClientError(413, "body_too_large", "request body too large")
-                return bytes(event.data)
-            if isinstance(event, h11.EndOfMessage):
-                if len(event.headers) > client.limits.max_header_count:
-                    # Trailers are never forwarded, but h11 parses them all: cap them like headers.
-                    raise ClientError(431, "headers_too_large", "too many trailer fields")
-                self.done = True
-                raise StopAsyncIteration
-            raise ClientGone()
+                if decoder.done:
+                    self.done = True
+                    if data:
+                        return data
+                    raise StopAsyncIteration
+                if data:
+                    return data
+            received = await client.receive(self._deadline, "request body timeout")
+            if not received:
+                raise ClientGone()
+            buffer += received
 
 
-def _declared_chunk_left(h: h11.Connection) -> int:
-    """Bytes of the current chunk still to come, as its size line declared them (0 for a
-    Content-Length body). h11 keeps this private (`ChunkedReader._bytes_in_chunk`);
-    tests/net/test_body_framing.py fails if that ever changes."""
-    left = getattr(getattr(h, "_reader", None), "_bytes_in_chunk", 0)
-    return left if isinstance(left, int) else 0
+def _client_reason(status: int) -> str:
+    return {
+        413: "body_too_large",
+        431: "headers_too_large",
+        501: "not_implemented",
+        505: "http_version_not_supported",
+    }.get(status, "bad_request")
 
 
 @final
 class ClientConnection:
     """One downstream connection: a loop of read head -> route -> forward -> respond."""
 
-    __slots__ = ("buffer", "h11", "head_method", "limits", "peer_ip", "requests_served", "server", "stream")
+    __slots__ = (
+        "buffer",
+        "expect_continue",
+        "fd",
+        "head_method",
+        "keep_alive",
+        "limits",
+        "peer_ip",
+        "request_body",
+        "requests_served",
+        "response_started",
+        "server",
+        "stream",
+    )
 
     def __init__(self, server: HttpServer, stream: trio.SocketStream) -> None:
         self.server = server
         self.stream = stream
+        self.fd = stream.socket.fileno()  # plain TCP: read and written directly (net/sockio.py)
         self.limits: ClientLimits = server.limits
-        self.h11 = h11.Connection(h11.SERVER)
-        self.buffer = bytearray()  # raw head bytes, scanned before h11 sees them
+        self.buffer = bytearray()  # bytes read from the client and not consumed yet
         self.requests_served = 0
-        # The method of the head being answered, read from the raw bytes: a request h11
+        # The method of the head being answered, read from the raw bytes: a request the parser
         # rejects still gets a bodiless answer if it was a HEAD.
         self.head_method = b""
+        self.keep_alive = True
+        self.expect_continue = False
+        self.response_started = False
+        # The body of the request being served, while it may still be unread (None: none).
+        self.request_body: DownstreamBody | None = None
         try:
             self.peer_ip = str(stream.socket.getpeername()[0]).encode()
         except OSError:
             self.peer_ip = b"unknown"
 
+    @property
+    def request_complete(self) -> bool:
+        """Whether the current request's body has been read to its end."""
+        return self.request_body is None or self.request_body.done
+
     async def run(self) -> None:
         try:
             while True:
                 try:
-                    request = await self._read_head()
+                    head = await self._read_head()
                 except ClientError as exc:
                     if self.server.access_log is not None:
                         self._record(None, trio.current_time(), exc.status, 0, exc.reason)
                     raise
-                if request is None:
+                if head is None:
                     return
-                if not await self._serve(request):
+                if not await self._serve(head):
                     break
-                self._next_cycle()
         except ClientGone:
             return
         except ClientError as exc:
             await self._answer_and_close(exc)
             return
-        if self.h11.their_state is h11.SEND_BODY:
+        if not self.request_complete:
             await self._linger()  # we answered without reading the whole body
 
     # -- reading ---------------------------------------------------------------------------
@@ -311,26 +368,30 @@ class ClientConnection:
     async def receive(self, deadline: float, timeout_reason: str) -> bytes:
         with trio.move_on_at(deadline):
             try:
-                data = await self.stream.receive_some(RECEIVE_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return await sockio.receive(self.fd, RECEIVE_BYTES)
+            except OSError:
                 raise ClientGone() from None
-            return data
         raise ClientError(408, "request_timeout", timeout_reason)
 
-    async def _read_head(self) -> h11.Request | None:
+    async def _read_head(self) -> RequestHead | None:
         """The next request head, validated; None when the client closed or went idle."""
         limits = self.limits
         buffer = self.buffer
         self.head_method = b""
+        self.response_started = False
+        self.request_body = None
         first_request = self.requests_served == 0
         idle_timeout = limits.header_read_timeout_s if first_request else limits.keepalive_timeout_s
         deadline = trio.current_time() + idle_timeout
         while True:
             if buffer:
+                while buffer.startswith(b"\r\n"):  # RFC 9112 2.2: ignore empty lines before a request
+                    del buffer[:2]
                 self.head_method = bytes(buffer[:5])  # before the scan, which may reject the head
-                if scan_request_head(buffer, limits).complete:
-                    self.h11.receive_data(bytes(buffer))
-                    buffer.clear()
+                scan = scan_request_head(buffer, limits)
+                if scan.complete:
+                    raw = bytes(buffer[: scan.head_length])
+                    del buffer[: scan.head_length]
                     break
                 data = await self.receive(deadline, "request header timeout")
             else:
@@ -339,8 +400,8 @@ class ClientConnection:
                 with trio.CancelScope(deadline=deadline) as idle:
                     self.server._idle_scopes.add(idle)
                     try:
-                        data = await self.stream.receive_some(RECEIVE_BYTES)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                        data = await sockio.receive(self.fd, RECEIVE_BYTES)
+                    except OSError:
                         return None
                     finally:
                         self.server._idle_scopes.discard(idle)
@@ -353,72 +414,56 @@ class ClientConnection:
                 return None
             buffer += data
         try:
-            event = self.h11.next_event()
-        except h11.RemoteProtocolError as exc:
-            raise ClientError(exc.error_status_hint, "bad_request", describe_parse_error(str(exc))) from None
-        if type(event) is not h11.Request:
-            raise ClientError(400, "bad_request", "malformed request")
-        return event
-
-    def _next_cycle(self) -> None:
-        """Start the next request; bytes the client pipelined after this request go back into
-        our scan buffer (on a fresh h11 state) so they pass the same raw-head checks."""
-        leftover, _ = self.h11.trailing_data
-        if leftover:
-            self.h11 = h11.Connection(h11.SERVER)
-            self.buffer += leftover
-        else:
-            self.h11.start_next_cycle()
+            head = parse_request_head(raw)
+        except FramingError as exc:
+            raise ClientError(exc.status, _client_reason(exc.status), exc.message) from None
+        # HTTP/1.0 clients get one response per connection: no `Connection: keep-alive` dance.
+        self.keep_alive = head.keep_alive and head.version == b"1.1"
+        self.expect_continue = head.expect_continue
+        return head
 
     # -- serving ---------------------------------------------------------------------------
 
-    def _build_request(self, event: h11.Request) -> tuple[Request, RouteRuntime]:
-        headers: Headers = list(event.headers)
-        check_request(event.method, event.target, event.http_version, headers)
-        host = None
-        length: int | None = None
-        chunked = False
-        for name, value in headers:
-            if name == b"host":
-                host = value
-            elif name == b"content-length":
-                length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = True
-        has_body = chunked or bool(length)
-        if not has_body:
-            self.h11.next_event()  # the EndOfMessage of a bodiless request: no I/O needed
+    def _build_request(self, head: RequestHead) -> tuple[Request, RouteRuntime]:
+        headers = head.headers
+        check_request(head.method, head.target)
+        host = head.host
+        # Set before routing: a request refused unread still has its body on the wire.
+        self.request_body = DownstreamBody(self, head) if head.has_body else None
         if (loop := via_loop(headers, INSTANCE_ID)) is not None:
             raise LoopDetected(loop)
-        target = normalize_path(origin_form_target(event.target, host))
+        target = normalize_path(origin_form_target(head.target, host))
         match = self.server.router.match(host, target)
         if match is None:
             raise NoRoute("no route for this host and path")
         route_config, upstream_target = match
         route = self.server.routes[id(route_config)]
         limit = route_config.max_request_body_bytes
-        if length is not None and length > limit:
+        if head.content_length is not None and head.content_length > limit:
             # Before any 100 Continue: the client need not send the body at all.
             raise ClientError(413, "body_too_large", "request body too large")
-        body: Body = DownstreamBody(self, length, limit) if has_body else EMPTY_BODY
+        body: Body = EMPTY_BODY
+        if self.request_body is not None:
+            body = self.request_body
+            self.request_body.limit = limit
         request = Request(
-            method=event.method,
+            method=head.method,
             target=upstream_target,
             headers=forward_request_headers(
                 headers,
                 upstream_host=route.upstream_host,
                 client_ip=self.peer_ip,
                 downstream_scheme=b"http",
-                chunked_body=chunked,
+                chunked_body=head.chunked,
                 instance=INSTANCE_ID,
             ),
             body=body,
-            http_version=event.http_version,
+            http_version=head.version,
             client_ip=self.peer_ip,
         )
         return request, route
 
-    async def _serve(self, event: h11.Request) -> bool:
+    async def _serve(self, head: RequestHead) -> bool:
         """Serve one request; True when the connection may carry another."""
         self.requests_served += 1
         self.server.requests += 1
@@ -426,19 +471,16 @@ class ClientConnection:
         route: RouteRuntime | None = None
         request: Request | None = None
         status, sent, reason, completed = 0, 0, None, False
+        is_head = head.method == b"HEAD"
         try:
             try:
-                request, route = self._build_request(event)
+                request, route = self._build_request(head)
             except ClientError:
                 raise
             except ProxyError as exc:
-                self._log_error(event, exc)
+                self._log_error(head, exc)
                 status, reason = exc.status, exc.reason
-                # An unread request body cannot be skipped safely: say we close.
-                sent = await self._respond(
-                    error_response(exc, head=event.method == b"HEAD"),
-                    close=self.h11.their_state is not h11.DONE,
-                )
+                sent = await self._respond(error_response(exc, head=is_head), is_head)
                 completed = True
                 return self._reusable()
             try:
@@ -446,11 +488,11 @@ class ClientConnection:
             except ClientError:
                 raise
             except ProxyError as exc:
-                self._log_error(event, exc, route.config.upstream)
-                response = error_response(exc, head=event.method == b"HEAD")
+                self._log_error(head, exc, route.config.upstream)
+                response = error_response(exc, head=is_head)
                 reason = exc.reason
             status = response.status
-            sent = await self._respond(response, close=self.h11.their_state is not h11.DONE)
+            sent = await self._respond(response, is_head)
             completed = True
             return self._reusable()
         except ClientError as exc:
@@ -463,11 +505,11 @@ class ClientConnection:
             raise
         finally:
             if self.server.access_log is not None:
-                self._record(event, started, status, sent, reason, route, request, aborted=not completed)
+                self._record(head, started, status, sent, reason, route, request, aborted=not completed)
 
     def _record(
         self,
-        event: h11.Request | None,
+        head: RequestHead | None,
         started: float,
         status: int,
         sent: int,
@@ -485,8 +527,8 @@ class ClientConnection:
                 time=time.time() - (now - started),
                 listener=self.server.config.name,
                 client_ip=self.peer_ip.decode("latin-1"),
-                method=event.method.decode("latin-1") if event is not None else "-",
-                target=redact_target(bytes(event.target)) if event is not None else "-",
+                method=head.method.decode("latin-1") if head is not None else "-",
+                target=redact_target(head.target) if head is not None else "-",
                 status=status,
                 bytes_sent=sent,
                 duration_s=now - started,
@@ -500,41 +542,74 @@ class ClientConnection:
         )
 
     def _reusable(self) -> bool:
-        return self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE
+        return self.keep_alive and self.request_complete
 
-    async def _respond(self, response: Response, *, close: bool) -> int:
+    async def _respond(self, response: Response, is_head: bool) -> int:
         """Send a response, coalescing head, body chunks and end into as few writes as the
-        body allows. An upstream failure after the head went out aborts the connection: the
-        client must never mistake a truncated body for a complete one."""
-        h = self.h11
+        body allows. The framing is ours (RFC 9112 6): the Content-Length the response carries,
+        else chunked (or, to an HTTP/1.0 client, the close). A body that disagrees with its
+        Content-Length, or an upstream failure after the head went out, aborts the connection:
+        the client must never mistake a truncated body for a complete one."""
+        status = response.status
         headers = response.headers
         sent = 0
-        if close or self.server.draining or self.requests_served >= self.limits.max_requests_per_connection:
+        # An unread request body cannot be skipped safely: say we close.
+        if (
+            not self.request_complete
+            or self.server.draining
+            or self.requests_served >= self.limits.max_requests_per_connection
+        ):
+            self.keep_alive = False
+        bodiless = is_head or status in (204, 304)
+        try:
+            length = None if bodiless else declared_length(headers)
+        except FramingError:
+            response.release()
+            self._log_abort("response_aborted", "invalid Content-Length in the response")
+            raise ClientGone("response_aborted") from None
+        chunked = not bodiless and length is None and self.keep_alive
+        if not bodiless and length is None and not chunked:
+            self.keep_alive = False  # close-delimited: the end of the body is our close
+        if chunked:
+            headers = [*headers, (b"transfer-encoding", b"chunked")]
+        if not self.keep_alive:
             headers = [*headers, (b"connection", b"close")]
         try:
             try:
-                out = h.send(
-                    h11.Response(status_code=response.status, headers=headers, reason=response.reason)
-                )
-                self.server.count_response(response.status)
-                body = response.body
-                if not body.ready():
+                out = response_head_bytes(status, response.reason or _phrase(status), headers)
+            except ValueError:
+                self._log_abort("response_aborted", "invalid response header")
+                raise ClientGone("response_aborted") from None
+            self.response_started = True
+            self.server.count_response(status)
+            body = response.body
+            if not body.ready():
+                await self.send(out)
+                out = b""
+            async for chunk in body:
+                sent += len(chunk)
+                if bodiless:
+                    if chunk:
+                        self._log_abort("response_aborted", "content in a bodiless response")
+                        raise ClientGone("response_aborted")
+                    continue
+                if length is not None and sent > length:
+                    self._log_abort("response_aborted", "body longer than its Content-Length")
+                    raise ClientGone("response_aborted")
+                out += chunk_bytes(chunk) if chunked else chunk
+                if len(out) >= FLUSH_BYTES or not body.ready():
                     await self.send(out)
                     out = b""
-                async for chunk in body:
-                    sent += len(chunk)
-                    out += h.send(h11.Data(data=chunk))
-                    if len(out) >= FLUSH_BYTES or not body.ready():
-                        await self.send(out)
-                        out = b""
-                await self.send(out + h.send(h11.EndOfMessage()))
-                return sent
-            except ProxyError as exc:
-                self._log_abort(exc.reason, exc.message)
-                raise ClientGone(exc.reason) from None
-            except h11.LocalProtocolError as exc:
-                self._log_abort("response_aborted", str(exc))
-                raise ClientGone("response_aborted") from None
+            if length is not None and sent != length and not bodiless:
+                self._log_abort("response_aborted", "body shorter than its Content-Length")
+                raise ClientGone("response_aborted")
+            if chunked:
+                out += LAST_CHUNK
+            await self.send(out)
+            return sent
+        except ProxyError as exc:
+            self._log_abort(exc.reason, exc.message)
+            raise ClientGone(exc.reason) from None
         finally:
             response.release()
 
@@ -550,15 +625,18 @@ class ClientConnection:
             )
 
     async def send(self, data: bytes) -> None:
-        if not data:
-            return
-        # A bare CancelScope rather than fail_after: this runs for every write, and the
-        # context-manager wrapper is measurable on the hot path.
+        try:
+            sent = sockio.send_nowait(self.fd, data)
+            if sent == len(data):
+                return  # the kernel took it all: no clock, no scope, no scheduling
+        except OSError:
+            raise ClientGone() from None
+        # A bare CancelScope rather than fail_after: the context-manager wrapper is measurable.
         with trio.CancelScope(deadline=trio.current_time() + self.limits.send_timeout_s):
             try:
-                await self.stream.send_all(data)
+                await sockio.send_all(self.fd, data, sent)
                 return
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            except OSError:
                 raise ClientGone() from None
         log.info(
             "client %s stopped reading for %gs; closing", self.peer_ip.decode(), self.limits.send_timeout_s
@@ -577,10 +655,9 @@ class ClientConnection:
                 error.message,
                 f" (+{suppressed} more like it)" if suppressed else "",
             )
-        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if self.response_started:
             return
         body = error.body()
-        # Written by hand: h11 refuses to answer from IDLE, where our raw-head checks fail.
         content = b"" if self.head_method == b"HEAD " else body
         head = [b"HTTP/1.1 %d %s" % (error.status, HTTPStatus(error.status).phrase.encode())]
         head.extend(name + b": " + value for name, value in error_headers(error, body))
@@ -595,14 +672,14 @@ class ClientConnection:
     async def _linger(self) -> None:
         await linger_close(self.stream, LINGER_S, LINGER_BYTES)
 
-    def _log_error(self, event: h11.Request, exc: ProxyError, upstream: str | None = None) -> None:
+    def _log_error(self, head: RequestHead, exc: ProxyError, upstream: str | None = None) -> None:
         suppressed = self.server.log_throttle.allow((upstream, exc.reason), trio.current_time())
         if suppressed is None:
             return
-        path = bytes(event.target).split(b"?", 1)[0][:200].decode("latin-1")
+        path = head.target.split(b"?", 1)[0][:200].decode("latin-1")
         log.warning(
             "%s %s -> %d %s (%s)%s%s",
-            event.method.decode("latin-1"),
+            head.method.decode("latin-1"),
             path,
             exc.status,
             exc.reason,

@@ -1,7 +1,7 @@
 """The upstream side: a keep-alive connection pool per upstream and the client that forwards
 one request over it. The client is the innermost `Handler` of every route's pipeline.
 
-Foreign exceptions (OSError, ssl, trio, h11) are mapped to `core.errors` here, at the boundary.
+Foreign exceptions (OSError, ssl, trio) and framing errors are mapped to `core.errors` here, at the boundary.
 """
 
 from __future__ import annotations
@@ -9,30 +9,39 @@ from __future__ import annotations
 import logging
 import math
 import select
-import socket
 import ssl
 from typing import final
 from urllib.parse import quote
 
-import h11
 import trio
 
 from resilient_ambassador.core.config import UpstreamConfig
 from resilient_ambassador.core.errors import (
+    ProxyError,
     StaleConnection,
-    UpstreamConnectError,
     UpstreamConnectTimeout,
-    UpstreamDNSError,
     UpstreamPoolTimeout,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamTLSError,
-    describe_parse_error,
 )
 from resilient_ambassador.core.fingerprint import fingerprint
 from resilient_ambassador.core.headers import inject_headers, inject_query
 from resilient_ambassador.core.headers import response_headers_for_client as client_view
-from resilient_ambassador.core.messages import Body, Request, Response
+from resilient_ambassador.core.http1 import (
+    HEAD_END,
+    LAST_CHUNK,
+    ChunkedDecoder,
+    FramingError,
+    ResponseHead,
+    chunk_bytes,
+    parse_response_head,
+    request_head_bytes,
+    valid_field_value,
+)
+from resilient_ambassador.core.messages import Request, Response, header_value
+from resilient_ambassador.net import sockio
+from resilient_ambassador.net.resolver import Resolver
 from resilient_ambassador.net.tls import client_context
 from resilient_ambassador.secrets import SecretResolver
 
@@ -59,17 +68,37 @@ class _PeerClosed(Exception):
 
 @final
 class UpstreamConnection:
-    """One TCP (or TLS) connection to the upstream with its h11 client state."""
+    """One TCP (or TLS) connection to the upstream, with the bytes read from it and not
+    consumed yet. `reusable` turns False as soon as anything makes its framing doubtful."""
 
-    __slots__ = ("conn_id", "fd", "h11", "last_used", "reusable", "stream")
+    __slots__ = ("buffer", "conn_id", "fd", "last_used", "plain", "reusable", "stream")
 
     def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType, conn_id: int):
         self.stream = stream
         self.fd = sock.fileno()
-        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD_BYTES)
+        # Plain TCP is read and written on the fd directly (net/sockio.py); TLS by its stream.
+        self.plain = isinstance(stream, trio.SocketStream)
+        self.buffer = bytearray()
         self.conn_id = conn_id
         self.last_used = 0.0
         self.reusable = True
+
+    async def receive(self) -> bytes:
+        """Bytes from the upstream (b"" at EOF). Raises OSError, trio.BrokenResourceError."""
+        if self.plain:
+            return await sockio.receive(self.fd, RECEIVE_BYTES)
+        return bytes(await self.stream.receive_some(RECEIVE_BYTES))
+
+    def send_nowait(self, data: bytes) -> int:
+        """How much of `data` the kernel took at once (always 0 over TLS). Raises OSError."""
+        return sockio.send_nowait(self.fd, data) if self.plain else 0
+
+    async def send(self, data: bytes, sent: int = 0) -> None:
+        """The rest of `data`, from offset `sent`, waiting for room as needed."""
+        if self.plain:
+            await sockio.send_all(self.fd, data, sent)
+        else:
+            await self.stream.send_all(memoryview(data)[sent:])
 
     def looks_stale(self) -> bool:
         """An idle keep-alive connection must have nothing to read: readable means the peer
@@ -97,8 +126,9 @@ class ConnectionPool:
     the most recently used idle connection is reused first (it is the least likely to have
     been closed by the peer)."""
 
-    def __init__(self, config: UpstreamConfig) -> None:
+    def __init__(self, config: UpstreamConfig, resolver: Resolver | None = None) -> None:
         self.config = config
+        self._resolver = resolver or Resolver()  # the app passes its one shared resolver
         self._ssl: ssl.SSLContext | None = client_context(config.tls) if config.url.uses_tls else None
         self._idle: list[UpstreamConnection] = []
         self._slots = trio.Semaphore(config.pool.max_connections)
@@ -155,14 +185,7 @@ class ConnectionPool:
 
     def release(self, conn: UpstreamConnection) -> None:
         """Return a connection whose exchange completed cleanly; anything else is discarded."""
-        h = conn.h11
-        if (
-            conn.reusable
-            and h.our_state is h11.DONE
-            and h.their_state is h11.DONE
-            and not h.trailing_data[0]  # bytes after the body: framing doubt, never reuse
-        ):
-            h.start_next_cycle()
+        if conn.reusable and not conn.buffer:  # bytes after the body: framing doubt, never reuse
             conn.last_used = trio.current_time()
             self._idle.append(conn)
         else:
@@ -195,18 +218,8 @@ class ConnectionPool:
         timeout_s = self.config.timeouts.connect_s
         try:
             with trio.fail_after(timeout_s):
-                try:
-                    tcp = await trio.open_tcp_stream(url.host, url.port)
-                except socket.gaierror as exc:
-                    raise UpstreamDNSError(
-                        f"upstream DNS resolution failed for {url.host}: {exc.strerror}",
-                        upstream=name,
-                    ) from exc
-                except OSError as exc:
-                    raise UpstreamConnectError(
-                        f"connect to {url.host}:{url.port} failed: {exc.strerror or exc}",
-                        upstream=name,
-                    ) from exc
+                # DNS (cached, see net.resolver) and a connect through the answer's addresses.
+                tcp = await self._resolver.connect(url.host, url.port, upstream=name)
                 stream: trio.abc.Stream = tcp
                 if self._ssl is not None:
                     stream = await self._handshake(tcp)
@@ -240,17 +253,20 @@ class ConnectionPool:
 
 @final
 class UpstreamBody:
-    """The response body, streamed from the upstream connection as the client reads it."""
+    """The response body, streamed from the upstream connection as the client reads it, in
+    the framing its head declared: Content-Length, chunked, or until the upstream closes."""
 
-    __slots__ = ("_conn", "_length", "_peeked", "_read_idle_s", "_upstream", "done")
+    __slots__ = ("_conn", "_decoder", "_left", "_length", "_read_idle_s", "_until_close", "_upstream", "done")
 
-    def __init__(self, conn: UpstreamConnection, length: int | None, read_idle_s: float, upstream: str):
+    def __init__(self, conn: UpstreamConnection, head: ResponseHead, read_idle_s: float, upstream: str):
         self._conn = conn
-        self._length = length
+        self._length = head.content_length
+        self._left = head.content_length or 0
+        self._decoder = ChunkedDecoder() if head.chunked else None
+        self._until_close = head.content_length is None and not head.chunked
         self._read_idle_s = read_idle_s
         self._upstream = upstream
-        self._peeked: object = None
-        self.done = False
+        self.done = head.content_length == 0
 
     @property
     def length(self) -> int | None:
@@ -261,46 +277,59 @@ class UpstreamBody:
         return False
 
     def ready(self) -> bool:
-        if self._peeked is None:
-            try:
-                self._peeked = self._conn.h11.next_event()
-            except h11.RemoteProtocolError:
-                return True  # __anext__ will raise it
-        return self._peeked is not h11.NEED_DATA
+        """Whether the next chunk (or the end) is already buffered: the server then coalesces
+        it into the same write instead of flushing."""
+        return self.done or (self._decoder is None and bool(self._conn.buffer))
 
     def __aiter__(self) -> UpstreamBody:
         return self
 
     async def __anext__(self) -> bytes:
-        h = self._conn.h11
-        while True:
-            try:
-                event, self._peeked = self._peeked or h.next_event(), None
-            except h11.RemoteProtocolError as exc:
+        buffer = self._conn.buffer
+        decoder = self._decoder
+        while not self.done:
+            if decoder is not None:
+                try:
+                    data = decoder.decode(buffer)
+                except FramingError as exc:
+                    raise UpstreamProtocolError(
+                        f"bad response body: {exc.message}", upstream=self._upstream
+                    ) from None
+                self.done = decoder.done
+                if data:
+                    return data
+                if self.done:
+                    break
+            elif buffer:
+                if self._until_close:
+                    data = bytes(buffer)
+                    buffer.clear()
+                    return data
+                data = bytes(buffer[: self._left])
+                del buffer[: len(data)]
+                self._left -= len(data)
+                self.done = self._left == 0
+                return data
+            received = await self._receive()
+            if not received:
+                if self._until_close:
+                    self.done = True
+                    break
                 raise UpstreamProtocolError(
-                    f"bad response body: {describe_parse_error(str(exc))}", upstream=self._upstream
+                    "upstream closed the connection mid-body", upstream=self._upstream
+                )
+            buffer += received
+        raise StopAsyncIteration
+
+    async def _receive(self) -> bytes:
+        with trio.CancelScope(deadline=trio.current_time() + self._read_idle_s):
+            try:
+                return await self._conn.receive()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                raise UpstreamProtocolError(
+                    "upstream reset the connection mid-body", upstream=self._upstream
                 ) from None
-            if event is h11.NEED_DATA:
-                data = None
-                with trio.CancelScope(deadline=trio.current_time() + self._read_idle_s):
-                    try:
-                        data = await self._conn.stream.receive_some(RECEIVE_BYTES)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                        raise UpstreamProtocolError(
-                            "upstream reset the connection mid-body", upstream=self._upstream
-                        ) from None
-                if data is None:
-                    raise UpstreamTimeout(
-                        f"response body stalled for {self._read_idle_s:g}s", upstream=self._upstream
-                    )
-                h.receive_data(bytes(data))
-                continue
-            if isinstance(event, h11.Data):
-                return bytes(event.data)
-            if isinstance(event, h11.EndOfMessage):
-                self.done = True
-                raise StopAsyncIteration
-            raise UpstreamProtocolError("upstream closed the connection mid-body", upstream=self._upstream)
+        raise UpstreamTimeout(f"response body stalled for {self._read_idle_s:g}s", upstream=self._upstream)
 
 
 @final
@@ -335,11 +364,13 @@ class UpstreamClient:
             return []
         return [v.encode() for v in self._secrets.secret_values()]
 
-    def _outgoing(self, request: Request) -> h11.Request:
-        headers = inject_headers(
-            request.headers,
-            ((name, self._secrets.resolve(tpl).encode()) for name, tpl in self._header_names),
-        )
+    def _outgoing(self, request: Request) -> bytes:
+        """The request head as the upstream gets it: credentials injected at this very last
+        step (no stage, log or span ever holds them)."""
+        injected = [(name, self._secrets.resolve(tpl).encode()) for name, tpl in self._header_names]
+        if any(not valid_field_value(value) for _, value in injected):
+            raise ProxyError("an injected header value is not a valid field value", upstream=self.config.name)
+        headers = inject_headers(request.headers, injected)
         target = request.target
         if self._base_path and target != b"*":
             target = self._base_path + target
@@ -347,7 +378,10 @@ class UpstreamClient:
             target,
             ((name, quote(self._secrets.resolve(tpl), safe="").encode()) for name, tpl in self._query_names),
         )
-        return h11.Request(method=request.method, target=target, headers=headers)
+        try:
+            return request_head_bytes(request.method, target, headers)
+        except ValueError:
+            raise ProxyError("a request header holds CR or LF", upstream=self.config.name) from None
 
     async def __call__(self, request: Request) -> Response:
         # The wait for a pool slot stays outside the attempt deadline's scope: running out there
@@ -361,31 +395,31 @@ class UpstreamClient:
             return await self._forward(request, outgoing)
         raise UpstreamTimeout("no response within the per-try timeout", upstream=self.config.name)
 
-    async def _forward(self, request: Request, outgoing: h11.Request) -> Response:
+    async def _forward(self, request: Request, outgoing: bytes) -> Response:
         """With a slot reserved: check out a connection and exchange; replay once on a stale
         pooled connection when that is safe. A stale connection that cannot be replayed is
         reported as such (StaleConnection): a keep-alive race, not the upstream's failure."""
         conn, reused = await self.pool.checkout()
         try:
-            return await self._exchange(conn, reused, outgoing, request.body)
+            return await self._exchange(conn, reused, outgoing, request)
         except StaleConnection:
             if not (request.body.replayable and request.method in IDEMPOTENT_METHODS):
                 raise
             log.debug("replaying %s on a fresh connection to %s", request.method, self.config.name)
             conn, _ = await self.pool.acquire(fresh=True)
-            return await self._exchange(conn, False, outgoing, request.body)
+            return await self._exchange(conn, False, outgoing, request)
 
     async def _exchange(
-        self, conn: UpstreamConnection, reused: bool, outgoing: h11.Request, body: Body
+        self, conn: UpstreamConnection, reused: bool, outgoing: bytes, request: Request
     ) -> Response:
         name = self.config.name
         try:
             try:
-                await self._send_request(conn, outgoing, body)
-                response = None
+                await self._send_request(conn, outgoing, request)
+                head = None
                 with trio.CancelScope(deadline=trio.current_time() + self.config.timeouts.response_s):
-                    response = await self._receive_head(conn)
-                if response is None:
+                    head = await self._receive_head(conn, request.method)
+                if head is None:
                     raise trio.TooSlowError
             except _PeerClosed as exc:
                 if exc.got_bytes or not reused:
@@ -395,35 +429,20 @@ class UpstreamClient:
                 raise UpstreamTimeout(
                     f"no response within {self.config.timeouts.response_s:g}s", upstream=name
                 ) from None
-            except h11.RemoteProtocolError as exc:
-                raise UpstreamProtocolError(
-                    f"invalid response: {describe_parse_error(str(exc))}", upstream=name
-                ) from None
+            except FramingError as exc:
+                raise UpstreamProtocolError(f"invalid response: {exc.message}", upstream=name) from None
         except BaseException:
             self.pool.discard(conn)
             raise
-        headers = response.headers
-        if len(headers) > MAX_RESPONSE_HEADER_COUNT:
+        if len(head.headers) > MAX_RESPONSE_HEADER_COUNT:
             self.pool.discard(conn)
             raise UpstreamProtocolError("too many response header fields", upstream=name)
-        # h11 caps only a head still incomplete; one that arrived whole in one read is checked here.
-        if sum(len(n) + len(v) + 4 for n, v in headers) > MAX_RESPONSE_HEAD_BYTES:
-            self.pool.discard(conn)
-            raise UpstreamProtocolError("response head too large", upstream=name)
-        length: int | None = None
-        has_te = False
-        for hname, value in headers:
-            if hname == b"content-length":
-                length = int(value)
-            elif hname == b"transfer-encoding":
-                has_te = True
-        forwarded = client_view(list(headers), self._secret_values())
-        if has_te and length is not None:
-            # RFC 9112 6.3: Transfer-Encoding wins; never reuse a connection that sent both.
-            conn.reusable = False
-            length = None
+        conn.reusable = head.keep_alive
+        forwarded = client_view(head.headers, self._secret_values())
+        if head.chunked and head.content_length is None and any(n == b"content-length" for n, _ in forwarded):
+            # RFC 9112 6.3: Transfer-Encoding wins over a Content-Length sent with it.
             forwarded = [(n, v) for n, v in forwarded if n != b"content-length"]
-        upstream_body = UpstreamBody(conn, length, self.config.timeouts.read_idle_s, name)
+        upstream_body = UpstreamBody(conn, head, self.config.timeouts.read_idle_s, name)
 
         def release() -> None:
             if upstream_body.done:
@@ -432,30 +451,40 @@ class UpstreamClient:
                 self.pool.discard(conn)
 
         return Response(
-            status=response.status_code,
+            status=head.status,
             headers=forwarded,
             body=upstream_body,
-            reason=bytes(response.reason),
+            reason=head.reason,
             release=release,
         )
 
-    async def _send_request(self, conn: UpstreamConnection, outgoing: h11.Request, body: Body) -> None:
-        h = conn.h11
-        head = h.send(outgoing)
+    async def _send_request(self, conn: UpstreamConnection, outgoing: bytes, request: Request) -> None:
+        """The head, then the body in the framing the head declares: chunked when the client
+        sent it chunked (the head carries Transfer-Encoding), else its Content-Length."""
+        body = request.body
         if body.length == 0:
-            await self._send(conn, head + h.send(h11.EndOfMessage()))
+            await self._send(conn, outgoing)
             return
-        await self._send(conn, head)
+        chunked = header_value(request.headers, b"transfer-encoding") is not None
+        out = outgoing
         async for chunk in body:
-            await self._send(conn, h.send(h11.Data(data=chunk)))
-        await self._send(conn, h.send(h11.EndOfMessage()))
+            out += chunk_bytes(chunk) if chunked else chunk
+            await self._send(conn, out)
+            out = b""
+        await self._send(conn, out + LAST_CHUNK if chunked else out)
 
     async def _send(self, conn: UpstreamConnection, data: bytes) -> None:
         """Write to the upstream; one that stops reading for `read_idle_s` is given up on."""
+        try:
+            sent = conn.send_nowait(data)
+        except OSError:
+            raise _PeerClosed(False) from None
+        if sent == len(data):
+            return  # the kernel took it all: no clock, no scope, no scheduling
         timeout_s = self.config.timeouts.read_idle_s
         with trio.CancelScope(deadline=trio.current_time() + timeout_s):  # bare: hot path
             try:
-                await conn.stream.send_all(data)
+                await conn.send(data, sent)
                 return
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise _PeerClosed(False) from None
@@ -463,23 +492,31 @@ class UpstreamClient:
             f"upstream stopped reading the request for {timeout_s:g}s", upstream=self.config.name
         )
 
-    async def _receive_head(self, conn: UpstreamConnection) -> h11.Response:
-        h = conn.h11
-        got_bytes = False
+    async def _receive_head(self, conn: UpstreamConnection, method: bytes) -> ResponseHead:
+        """The final response head (1xx interim responses are skipped: we sent the whole
+        body already). Raises _PeerClosed, FramingError."""
+        buffer = conn.buffer
+        got_bytes = bool(buffer)
         while True:
-            event = h.next_event()
-            if event is h11.NEED_DATA:
+            end = buffer.find(HEAD_END)
+            if end == -1:
+                if len(buffer) > MAX_RESPONSE_HEAD_BYTES:
+                    raise FramingError("response head too large")
                 try:
-                    data = await conn.stream.receive_some(RECEIVE_BYTES)
+                    data = await conn.receive()
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     raise _PeerClosed(got_bytes) from None
                 if not data:
                     raise _PeerClosed(got_bytes)
                 got_bytes = True
-                h.receive_data(bytes(data))
+                buffer += data
                 continue
-            if type(event) is h11.Response:
-                return event
-            if type(event) is h11.InformationalResponse:
-                continue  # 100 Continue and friends: we sent the whole body already
-            raise _PeerClosed(got_bytes)
+            if end + 4 > MAX_RESPONSE_HEAD_BYTES:
+                raise FramingError("response head too large")
+            raw = bytes(buffer[: end + 4])
+            del buffer[: end + 4]
+            head = parse_response_head(raw, method)
+            if head.status >= 200:
+                return head
+            if head.status == 101:
+                raise FramingError("unrequested protocol switch")

@@ -8,6 +8,9 @@ is answered and set as `ambassador.*` attributes, so no stage has to know about 
 W3C `traceparent`/`tracestate`/`baggage` from the app are checked (core.trace_context):
 malformed ones are dropped and never forwarded; with tracing on, the proxy's CLIENT span
 becomes the upstream's parent.
+
+Metrics are recorded through `Record`s bound once per attribute set (per method and status,
+say) and kept by the stage, so a request builds no attribute dict (telemetry.py).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from resilient_ambassador.core.config import RouteConfig, UpstreamConfig
 from resilient_ambassador.core.errors import ProxyError
 from resilient_ambassador.core.messages import Handler, Headers, Request, Response
 from resilient_ambassador.core.trace_context import TRACE_HEADERS, sanitize_trace_headers
-from resilient_ambassador.telemetry import Telemetry
+from resilient_ambassador.telemetry import Record, Telemetry
 
 PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 KNOWN_METHODS = frozenset(
@@ -63,6 +66,11 @@ class RequestTelemetry:
         self._route_name = route.name
         self._http_route = route.prefix
         self._upstream = route.upstream
+        self._durations: dict[tuple[str, int], Record] = {}
+        self._retries: Record | None = None
+        self._cache_lookups: dict[str, Record] = {}
+        self._rate_limit_decisions: dict[str, Record] = {}
+        self._rate_limit_wait: Record | None = None
 
     async def __call__(self, request: Request) -> Response:
         headers, parent_ok = sanitize_trace_headers(request.headers)
@@ -155,30 +163,51 @@ class RequestTelemetry:
             span.set_attribute("ambassador.rate_limit.wait_s", outcome.rate_limit_wait_s)
 
     def _record(self, request: Request, method: str, status: int, elapsed_s: float) -> None:
-        t = self._telemetry
-        outcome = request.outcome
-        route = self._route_name
-        t.server_duration.record(
-            elapsed_s,
-            {
-                http_attributes.HTTP_REQUEST_METHOD: method,
-                http_attributes.HTTP_RESPONSE_STATUS_CODE: status,
-                "http.response.status_class": f"{status // 100}xx",
-                http_attributes.HTTP_ROUTE: self._http_route,
-                "ambassador.route": route,
-                "ambassador.upstream": self._upstream,
-            },
-        )
-        if outcome.retries:
-            t.retries.add(outcome.retries, {"ambassador.route": route, "ambassador.upstream": self._upstream})
-        if outcome.cache is not None:
-            t.cache_lookups.add(1, {"ambassador.route": route, "ambassador.cache.status": outcome.cache})
-        if outcome.rate_limit is not None:
-            t.rate_limit_decisions.add(
-                1, {"ambassador.route": route, "ambassador.rate_limit.outcome": outcome.rate_limit}
+        record = self._durations.get((method, status))
+        if record is None:
+            record = self._durations[method, status] = self._telemetry.server_duration.bind(
+                {
+                    http_attributes.HTTP_REQUEST_METHOD: method,
+                    http_attributes.HTTP_RESPONSE_STATUS_CODE: status,
+                    "http.response.status_class": f"{status // 100}xx",
+                    http_attributes.HTTP_ROUTE: self._http_route,
+                    "ambassador.route": self._route_name,
+                    "ambassador.upstream": self._upstream,
+                }
             )
+        record(elapsed_s)
+        outcome = request.outcome
+        if outcome.retries:
+            if self._retries is None:
+                self._retries = self._telemetry.retries.bind(
+                    {"ambassador.route": self._route_name, "ambassador.upstream": self._upstream}
+                )
+            self._retries(outcome.retries)
+        if outcome.cache is not None:
+            lookup = self._cache_lookups.get(outcome.cache)
+            if lookup is None:
+                lookup = self._cache_lookups[outcome.cache] = self._telemetry.cache_lookups.bind(
+                    {"ambassador.route": self._route_name, "ambassador.cache.status": outcome.cache}
+                )
+            lookup(1)
+        if outcome.rate_limit is not None:
+            decision = self._rate_limit_decisions.get(outcome.rate_limit)
+            if decision is None:
+                decision = self._rate_limit_decisions[outcome.rate_limit] = (
+                    self._telemetry.rate_limit_decisions.bind(
+                        {
+                            "ambassador.route": self._route_name,
+                            "ambassador.rate_limit.outcome": outcome.rate_limit,
+                        }
+                    )
+                )
+            decision(1)
             if outcome.rate_limit_wait_s:
-                t.rate_limit_wait.record(outcome.rate_limit_wait_s, {"ambassador.route": route})
+                if self._rate_limit_wait is None:
+                    self._rate_limit_wait = self._telemetry.rate_limit_wait.bind(
+                        {"ambassador.route": self._route_name}
+                    )
+                self._rate_limit_wait(outcome.rate_limit_wait_s)
 
 
 @final
@@ -195,6 +224,7 @@ class AttemptTelemetry:
         self._origin = f"{'https' if url.uses_tls else 'http'}://{url.authority}{url.base_path}"
         self._address = url.host
         self._port = url.port
+        self._durations: dict[tuple[str, str | int], Record] = {}
 
     async def __call__(self, request: Request) -> Response:
         method = _method(request)
@@ -249,14 +279,20 @@ class AttemptTelemetry:
             outcome = exc.reason
             raise
         finally:
-            attributes_m: dict[str, str | int] = {
-                http_attributes.HTTP_REQUEST_METHOD: method,
-                server_attributes.SERVER_ADDRESS: self._address,
-                server_attributes.SERVER_PORT: self._port,
-                "ambassador.upstream": self._upstream,
-            }
-            if isinstance(outcome, int):
-                attributes_m[http_attributes.HTTP_RESPONSE_STATUS_CODE] = outcome
-            else:
-                attributes_m[error_attributes.ERROR_TYPE] = outcome
-            self._telemetry.client_duration.record(trio.current_time() - started, attributes_m)
+            record = self._durations.get((method, outcome))
+            if record is None:
+                record = self._durations[method, outcome] = self._bind(method, outcome)
+            record(trio.current_time() - started)
+
+    def _bind(self, method: str, outcome: str | int) -> Record:
+        attributes: dict[str, str | int] = {
+            http_attributes.HTTP_REQUEST_METHOD: method,
+            server_attributes.SERVER_ADDRESS: self._address,
+            server_attributes.SERVER_PORT: self._port,
+            "ambassador.upstream": self._upstream,
+        }
+        if isinstance(outcome, int):
+            attributes[http_attributes.HTTP_RESPONSE_STATUS_CODE] = outcome
+        else:
+            attributes[error_attributes.ERROR_TYPE] = outcome
+        return self._telemetry.client_duration.bind(attributes)

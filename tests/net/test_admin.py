@@ -117,12 +117,15 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
         "rate_limits",
         "tcp_listeners",
         "cache",
+        "dns",
     }
     assert (before["ready"], before["draining"], before["shared_breaker"]) == (True, False, None)
     assert (before["pid"], before["worker"]) == (os.getpid(), None)
     assert set(before["access_log"]) == {"lines", "dropped", "write_errors"}
     assert before["tcp_listeners"] == {}
     assert before["cache"] is None  # no route has the cache on
+    assert before["dns"]["entries"] == 0  # the upstream is an IP literal: no lookup
+    assert before["dns"]["lookups"] == 0
     assert before["uptime_s"] >= 0
     assert before["tasks"] > 0
     assert before["listeners"]["main"] == {

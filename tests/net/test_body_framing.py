@@ -97,3 +97,24 @@ async def test_bytes_after_the_response_body_discard_the_connection(nursery: tri
     assert (first.status, first.body) == (200, b"ok")
     assert second.status == 200
     assert [r.connection_id for r in upstream.received] == [0, 1]  # never reused: framing in doubt
+
+
+async def test_a_20_kib_chunk_extension_is_400_and_never_forwarded(nursery: trio.Nursery) -> None:
+    upstream, daemon = await _start(nursery)
+
+    read = await _send(daemon, CHUNKED + b"3;ext=" + b"e" * 20 * 1024 + b"\r\nabc\r\n0\r\n\r\n")
+
+    assert parse_status(read.data) == 400
+    assert b"\r\nconnection: close\r\n" in read.data.lower()
+    await upstream.wait_until(lambda: all(c.closed for c in upstream.connections))
+    assert all(r.complete is False and r.body == b"" for r in upstream.received)
+
+
+async def test_an_extension_within_1_kib_is_accepted_and_dropped(nursery: trio.Nursery) -> None:
+    upstream, daemon = await _start(nursery)
+
+    read = await _send(daemon, CHUNKED + b"3;ext=" + b"e" * 1000 + b"\r\nabc\r\n0\r\n\r\n")
+
+    assert parse_status(read.data) == 200
+    assert upstream.received[0].body == b"abc"
+    assert b"ext=" not in upstream.received[0].raw

@@ -23,7 +23,7 @@ from resilient_ambassador.core.config import (
 )
 from resilient_ambassador.core.templates import parse_template
 from resilient_ambassador.secrets import SecretResolver
-from resilient_ambassador.telemetry import Telemetry
+from resilient_ambassador.telemetry import DURATION_BUCKETS_S, Telemetry
 from tests.support.client import http_request
 from tests.support.daemon import RunningDaemon, simple_config, start_daemon, upstream_config
 from tests.support.otlp_collector import start_otlp_collector
@@ -208,6 +208,40 @@ async def test_spans_and_metrics_reach_an_otlp_collector(nursery: trio.Nursery) 
     }
     assert {"http.server.request.duration", "http.client.request.duration"} <= names
     assert daemon.app.telemetry is telemetry
+
+
+async def test_metrics_without_tracing_reach_an_otlp_collector(nursery: trio.Nursery) -> None:
+    """Tracing off: the request metrics are aggregated in-process and join the SDK's export."""
+    collector = await start_otlp_collector(nursery)
+    upstream = await start_fake_upstream(nursery)
+    config = dataclasses.replace(
+        simple_config(upstream_config(upstream.url())), access_log=AccessLogConfig(enabled=False)
+    )
+    otlp = TelemetryConfig(
+        metrics_exporter="otlp", otlp_endpoint=collector.endpoint, metrics_interval_s=3600.0
+    )
+    telemetry = Telemetry(otlp, {})  # one export: at shutdown
+    daemon = await start_daemon(nursery, config, telemetry=telemetry)
+
+    for _ in range(3):
+        await http_request(daemon.port, "GET", "/")
+    await trio.to_thread.run_sync(telemetry.shutdown)
+
+    assert telemetry.aggregated
+    assert collector.span_names() == []
+    (export,) = collector.metrics
+    (resource,) = export.resource_metrics
+    (scope,) = resource.scope_metrics
+    metrics = {metric.name: metric for metric in scope.metrics}
+    (server,) = metrics["http.server.request.duration"].histogram.data_points
+    (attempt,) = metrics["http.client.request.duration"].histogram.data_points
+    assert (server.count, attempt.count) == (3, 3)
+    assert sum(server.bucket_counts) == 3
+    assert list(server.explicit_bounds) == list(DURATION_BUCKETS_S)
+    assert {a.key: a.value.int_value for a in server.attributes if a.key.endswith("status_code")} == {
+        "http.response.status_code": 200
+    }
+    assert "ambassador.listener.responses" in metrics  # the SDK's own, in the same scope
 
 
 async def test_a_cache_hit_is_a_server_span_without_an_attempt(nursery: trio.Nursery) -> None:

@@ -23,6 +23,7 @@ from resilient_ambassador.core.config import (
     UpstreamConfig,
 )
 from resilient_ambassador.core.templates import Template
+from resilient_ambassador.net.resolver import Resolver
 from resilient_ambassador.secrets import SecretResolver
 from resilient_ambassador.telemetry import Telemetry
 
@@ -86,10 +87,11 @@ async def start_daemon(
     config: Config,
     secrets: SecretResolver | None = None,
     telemetry: Telemetry | None = None,
+    resolver: Resolver | None = None,
 ) -> RunningDaemon:
     # A fixed admin port would make parallel tests clash; see TEST_ADMIN.
     assert not config.admin.enabled or config.admin.port == 0, "tests must use admin port 0"
-    app = App(config, secrets, telemetry=telemetry)
+    app = App(config, secrets, telemetry=telemetry, resolver=resolver)
     addresses: list[tuple[str, int]] = await nursery.start(app.serve)
     return RunningDaemon(app=app, port=addresses[0][1])
 

@@ -165,9 +165,10 @@ class FakeUpstream:
         tls: ssl.SSLContext | None = None,
         default: Reply | Handler | None = None,
         host: str = "127.0.0.1",
+        port: int = 0,
     ) -> None:
         self.host = host
-        self.port = 0  # set once listening
+        self.port = port  # 0: an ephemeral port, set once listening
         self.default: Reply | Handler = Reply() if default is None else default
         self.received: list[Received] = []
         self.connections: list[ConnectionRecord] = []
@@ -237,7 +238,7 @@ class FakeUpstream:
         """Listen on an ephemeral port, report through `task_status`, serve until cancelled."""
         try:
             with self._cancel_scope:
-                listeners = await trio.open_tcp_listeners(0, host=self.host)
+                listeners = await trio.open_tcp_listeners(self.port, host=self.host)
                 listener = listeners[0]
                 for extra in listeners[1:]:
                     await extra.aclose()
@@ -513,12 +514,14 @@ async def start_fake_upstream(
     tls: ssl.SSLContext | None = None,
     default: Reply | Handler | None = None,
     host: str = "127.0.0.1",
+    port: int = 0,
 ) -> FakeUpstream:
     """Start a `FakeUpstream` in `nursery`; it is listening when this returns.
 
     `tls`: a server context (see `tests.support.tls.TLSMaterial.server_context`); None for
-    plain HTTP. `default`: the reply once the script is empty (200 "ok" if None).
+    plain HTTP. `default`: the reply once the script is empty (200 "ok" if None). `port`: a
+    fixed port (e.g. another upstream's, on another loopback address); 0 for an ephemeral one.
     """
-    upstream = FakeUpstream(tls=tls, default=default, host=host)
+    upstream = FakeUpstream(tls=tls, default=default, host=host, port=port)
     await nursery.start(upstream.serve)
     return upstream
