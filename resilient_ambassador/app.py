@@ -137,7 +137,9 @@ class App:
         # Redis trips one breaker and costs one budget, whichever policy noticed first.
         self.redis: RedisRunner | None = None
         if config.redis.url is not None:
-            self.redis = RedisRunner.from_url(config.redis.url, timeout_s=config.redis.timeout_s)
+            self.redis = RedisRunner.from_url(
+                config.redis.url, timeout_s=config.redis.timeout_s, tls=config.redis.tls
+            )
         self.breaker_sync: SharedBreakerSync | None = None
         shared = [
             stage
@@ -571,6 +573,8 @@ class App:
             # listener closes last.
             async with trio.open_nursery() as background:
                 await background.start(self.resolver.run)
+                if self.redis is not None:  # make the client (a Cluster's slot map) off the request path
+                    background.start_soon(self.redis.connect)
                 if self.access_log is not None:
                     await background.start(self.access_log.run)
                 if self.breaker_sync is not None:
@@ -813,6 +817,7 @@ class App:
                 "forced_opens": sync.forced_opens,
                 "sync_errors": sync.sync_errors,
                 "redis": {
+                    "connected": redis.client is not None,  # a Cluster's client is made at start
                     "healthy": redis.healthy,
                     "calls": redis.calls,
                     "failures": redis.failures,

@@ -50,6 +50,7 @@ from resilient_ambassador.core.config import (
 )
 from resilient_ambassador.core.headers import HOP_BY_HOP
 from resilient_ambassador.core.ratelimit import default_burst
+from resilient_ambassador.core.redis_target import parse_redis_target
 from resilient_ambassador.core.templates import Template, parse_template
 from resilient_ambassador.core.units import parse_duration, parse_rate, parse_size
 from resilient_ambassador.net.tls import client_context, server_context
@@ -340,10 +341,12 @@ _BREAKER: _Schema = {
     "shared": ("shared", lambda at: at.choice("none", "redis")),
     "sync_interval": ("sync_interval_s", _At.duration),
 }
+_REDIS_TLS: _Schema = {k: _TLS[k] for k in ("verify", "ca_file", "cert_file", "key_file", "min_version")}
 _REDIS: _Schema = {
     "url": ("url", lambda at: at.parsed(parse_redis_url, "a URL like redis://redis:6379/0")),
     "timeout": ("timeout_s", _At.duration),
-    "key_prefix": ("key_prefix", _At.text),
+    "key_prefix": ("key_prefix", lambda at: at.parsed(parse_key_prefix, "a key prefix like ra:")),
+    "tls": ("tls", lambda at: TLSConfig(**_section(at, _REDIS_TLS))),
 }
 
 _DNS: _Schema = {
@@ -391,9 +394,18 @@ def parse_otlp_endpoint(text: str) -> str:
 
 
 def parse_redis_url(text: str) -> str:
-    """redis://, rediss:// or unix://; the URL is never echoed (it may hold a password)."""
-    if urlsplit(text).scheme not in ("redis", "rediss", "unix") or _URL_FORBIDDEN_RE.search(text):
+    """redis://, rediss://, unix://, sentinel:// or redis+cluster:// (core.redis_target); the
+    URL is never echoed (it may hold a password)."""
+    if _URL_FORBIDDEN_RE.search(text):
         raise ValueError("expected a URL like redis://redis:6379/0")
+    parse_redis_target(text)
+    return text
+
+
+def parse_key_prefix(text: str) -> str:
+    """Braces would make the prefix a Redis Cluster hash tag and defeat the keys' own tags."""
+    if "{" in text or "}" in text or _URL_FORBIDDEN_RE.search(text):
+        raise ValueError("a key prefix has no braces, spaces or control characters")
     return text
 
 
@@ -656,6 +668,21 @@ class _Builder:
         self._route_names: dict[str, _At] = {}
         self._redis_rate_limits: list[_At] = []  # checked against redis.url at the end
 
+    def _redis(self, at: _At | None) -> RedisConfig:
+        redis = RedisConfig(**_section(at, _REDIS))
+        if at is None or redis.tls is None:
+            return redis
+        tls_at = at.fields(tuple(_REDIS))["tls"]
+        if redis.url is None or not parse_redis_target(redis.url).tls:
+            raise tls_at.error("tls is set but redis.url is not rediss:// or rediss+cluster://")
+        if (redis.tls.cert_file is None) != (redis.tls.key_file is None):
+            raise tls_at.error("cert_file and key_file must be set together")
+        try:  # load the CA and client certificate now, so check-config catches a bad file
+            client_context(redis.tls)
+        except (OSError, ssl.SSLError) as e:
+            raise tls_at.error(f"cannot load the TLS files: {e}") from None
+        return redis
+
     def config(self, root: _At) -> Config:
         found = root.fields(
             (
@@ -672,7 +699,7 @@ class _Builder:
             ),
             ("listeners",),
         )
-        redis = RedisConfig(**_section(found.get("redis"), _REDIS))
+        redis = self._redis(found.get("redis"))
         cache = CacheStoreConfig(**_section(found.get("cache"), _CACHE_STORE))
         if cache.backend == "redis" and redis.url is None:
             backend = found["cache"].fields(tuple(_CACHE_STORE))["backend"]

@@ -1219,6 +1219,40 @@ def test_redis_url_is_checked_and_never_echoed() -> None:
     assert "hunter2" not in message
 
 
+def test_redis_topologies_and_tls(tmp_path: Path) -> None:
+    tls = make_tls_material(tmp_path)
+    base = (
+        "listeners: [{listen: 127.0.0.1:8000, routes: [{upstream: api}]}]\n"
+        'upstreams: {api: {url: "http://127.0.0.1:9000"}}\n'
+    )
+    for url in ("sentinel://s1:26379,s2:26379/mymaster", "redis+cluster://n1:7000,n2:7000"):
+        assert load(base + f"redis: {{url: '{url}'}}\n").redis.url == url
+    config = load(
+        base
+        + "redis:\n  url: rediss+cluster://n1:7000\n"
+        + f"  tls: {{ca_file: {tls.ca_file}, cert_file: {tls.client_cert_file},\n"
+        + f"        key_file: {tls.client_key_file}}}\n"
+    )
+    assert config.redis.tls == TLSConfig(
+        ca_file=str(tls.ca_file), cert_file=str(tls.client_cert_file), key_file=str(tls.client_key_file)
+    )
+    assert error(base + "redis: {url: 'redis://r:6379', tls: {verify: false}}\n") == (
+        "ambassador.yaml:3: redis.tls: tls is set but redis.url is not rediss:// or rediss+cluster://"
+    )
+    assert error(base + f"redis: {{url: 'rediss://r', tls: {{cert_file: {tls.client_cert_file}}}}}\n") == (
+        "ambassador.yaml:3: redis.tls: cert_file and key_file must be set together"
+    )
+    missing = error(base + f"redis: {{url: 'rediss://r', tls: {{ca_file: {tmp_path / 'nope.pem'}}}}}\n")
+    assert missing.startswith("ambassador.yaml:3: redis.tls: cannot load the TLS files")
+    assert "server_name" in error(base + "redis: {url: 'rediss://r', tls: {server_name: r}}\n")
+    assert error(base + "redis: {url: 'redis://r', key_prefix: '{ra}:'}\n") == (
+        "ambassador.yaml:3: redis.key_prefix: a key prefix has no braces, spaces or control characters"
+    )
+    message = error(base + "redis: {url: 'redis+cluster://:hunter2@n1:7000/3'}\n")
+    assert "database 0 only" in message
+    assert "hunter2" not in message
+
+
 def test_route_breaker_and_failure_errors() -> None:
     config = load(
         """\

@@ -117,11 +117,16 @@ class BreakerConfig:
 class RedisConfig:
     """The Redis that shared state (breakers now; limits and cache later) lives in."""
 
-    url: str | None = None  # redis://host:6379/0; None: no shared state
+    # redis://host:6379/0, rediss://, sentinel://host:26379/master, redis+cluster://host:6379
+    # (core.redis_target); None: no shared state
+    url: str | None = None
     # Budget for one Redis round trip: past it the call is abandoned and we fall back to local
     # state (redis-py's own retries would turn a dead Redis into multi-second stalls).
     timeout_s: float = 0.25
     key_prefix: str = "ra:"
+    # rediss:// and rediss+cluster://: CA, client certificate, verification (server_name is not
+    # supported: redis-py checks the host in the URL). None: system CAs, no client certificate.
+    tls: TLSConfig | None = None
 
 
 @final

@@ -3,14 +3,19 @@
 Layout (every key is the configured prefix plus a hash; nothing a client sent is ever part of
 a key, a pattern or script source):
 
-- `<prefix>c:<key>`: one entry, `<JSON head>\\n<body>`, with a PX expiry covering freshness
+- `<prefix>c:{<key>}`: one entry, `<JSON head>\\n<body>`, with a PX expiry covering freshness
   plus the longest stale window, so a stale copy is still there for stale-if-error.
-- `<prefix>c:u:<url_key>`: a set of the entry keys of one URL (its variants), so an unsafe
+- `<prefix>c:u:{<url_key>}`: a set of the entry keys of one URL (its variants), so an unsafe
   request invalidates all of them.
 - `<prefix>c:idx`: a sorted set indexing entries for purges: member `<key> <target>`, score
   the entry's expiry in ms (pruned on every write), scanned with bounded ZSCAN by a purge.
-- `<prefix>c:l:<key>`: a short lease (SET NX PX) so one pod fetches a missing entry while
+- `<prefix>c:l:{<key>}`: a short lease (SET NX PX) so one pod fetches a missing entry while
   the others wait for it to appear (cross-pod request coalescing).
+
+The braces are Redis Cluster hash tags: an entry and its lease share a slot (one node answers
+for one cache key), and entries spread over the masters by key. No command or script touches
+two keys: the write, invalidate and purge pipelines send one-key commands, which redis-py
+splits by node in a Cluster (none is a transaction: a write is best effort anyway).
 
 Reads go through the near-cache first: a copy is served without asking Redis while it is
 fresh and younger than `near_ttl_s`; after that Redis is asked, and when Redis cannot answer
@@ -29,13 +34,12 @@ import time
 from collections.abc import Callable
 from typing import Any, final
 
-import redis
 import trio
 
 from resilient_ambassador.core.cache_rules import CachedEntry
 from resilient_ambassador.stores.cache_memory import CacheStoreStats, EntryLru
 from resilient_ambassador.stores.errors import StoreUnavailable
-from resilient_ambassador.stores.redis_client import RedisRunner
+from resilient_ambassador.stores.redis_client import LuaScript, RedisClient, RedisRunner
 
 log = logging.getLogger("resilient_ambassador.cache")
 
@@ -49,12 +53,12 @@ FORMAT_VERSION = 1
 _Op = tuple[str, Any]
 
 # Release a lease only if it is still ours (it may have expired and been taken by another pod).
-_CAS_DELETE_LUA = """
+_CAS_DELETE = LuaScript("""
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
 return 0
-"""
+""")
 
 
 def encode_entry(entry: CachedEntry) -> bytes:
@@ -137,10 +141,10 @@ class RedisCacheStore:
         self._applying = trio.Lock()  # one write at a time; flush() waits for the current one
 
     def _key(self, key: str) -> bytes:
-        return self._prefix + key.encode()
+        return self._prefix + b"{" + key.encode() + b"}"
 
     def _url_set(self, url_key: str) -> bytes:
-        return self._prefix + b"u:" + url_key.encode()
+        return self._prefix + b"u:{" + url_key.encode() + b"}"
 
     def _keep_near(self, entry: CachedEntry, now: float) -> None:
         ttl_s = entry.ttl_s(now)
@@ -221,7 +225,7 @@ class RedisCacheStore:
         member = entry.key.encode() + b" " + entry.target
         now_ms = int(now * 1000)
 
-        def write(client: redis.Redis) -> None:
+        def write(client: RedisClient) -> None:
             pipe = client.pipeline(transaction=False)
             pipe.set(key, value, px=ttl_ms)
             pipe.sadd(url_set, entry.key)
@@ -237,11 +241,11 @@ class RedisCacheStore:
     async def _invalidate(self, url_key: str) -> None:
         url_set = self._url_set(url_key)
 
-        def invalidate(client: redis.Redis) -> None:
+        def invalidate(client: RedisClient) -> None:
             members = client.smembers(url_set)
             pipe = client.pipeline(transaction=False)
             for member in members:
-                pipe.delete(self._prefix + (member if isinstance(member, bytes) else member.encode()))
+                pipe.delete(self._key(member.decode() if isinstance(member, bytes) else str(member)))
             pipe.delete(url_set)
             pipe.execute()
 
@@ -253,7 +257,7 @@ class RedisCacheStore:
         await self.flush()
         removed = self._near.purge(target, prefix=prefix)
 
-        def purge(client: redis.Redis) -> int:
+        def purge(client: RedisClient) -> int:
             doomed: list[bytes] = []
             members: list[bytes] = []
             for seen, (member, _) in enumerate(client.zscan_iter(self._index, count=PURGE_SCAN_COUNT)):
@@ -262,14 +266,16 @@ class RedisCacheStore:
                 raw = bytes(member)
                 key, _, entry_target = raw.partition(b" ")
                 if entry_target.startswith(target) if prefix else entry_target == target:
-                    doomed.append(self._prefix + key)
+                    doomed.append(self._key(key.decode("latin-1")))
                     members.append(raw)
             count = 0
             for start in range(0, len(doomed), PURGE_SCAN_COUNT):
+                # One DEL per key: a Cluster pipeline cannot send a DEL of keys in many slots.
                 pipe = client.pipeline(transaction=False)
-                pipe.delete(*doomed[start : start + PURGE_SCAN_COUNT])
+                for doomed_key in doomed[start : start + PURGE_SCAN_COUNT]:
+                    pipe.delete(doomed_key)
                 pipe.zrem(self._index, *members[start : start + PURGE_SCAN_COUNT])
-                count += int(pipe.execute()[0])
+                count += sum(int(n) for n in pipe.execute()[:-1])
             return count
 
         # A purge may scan a large index: a longer budget than a request's read.
@@ -298,8 +304,8 @@ class RedisCacheStore:
             self._queue(("unlease", (key, token)))
 
     def _lease_key(self, key: str) -> bytes:
-        return self._prefix + b"l:" + key.encode()
+        return self._prefix + b"l:{" + key.encode() + b"}"
 
     async def _unlease(self, key: str, token: str) -> None:
         lease_key = self._lease_key(key)
-        await self._runner.call(lambda client: client.eval(_CAS_DELETE_LUA, 1, lease_key, token))
+        await self._runner.call(lambda client: _CAS_DELETE(client, [lease_key], [token]))

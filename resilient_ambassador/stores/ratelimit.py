@@ -1,11 +1,13 @@
 """Token buckets (GCRA, see core.ratelimit) behind one small protocol: in memory, per process,
 or in Redis, shared by every daemon that uses it.
 
-Redis: one Lua script per decision (EVALSHA, loaded again on NOSCRIPT by redis-py's `Script`),
-so there is no read-modify-write race between processes; the script reads Redis `TIME`, so all
-processes share one clock whatever their own clocks say. One key per bucket,
-`<prefix>rl:<hash of the descriptor>`, holding the TAT and expiring when the bucket would be
+Redis: one Lua script per decision (EVALSHA, EVAL where a server answers NOSCRIPT: see
+`LuaScript`), so there is no read-modify-write race between processes; the script reads Redis
+`TIME`, so all processes share one clock whatever their own clocks say. One key per bucket,
+`<prefix>rl:{<hash of the descriptor>}`, holding the TAT and expiring when the bucket would be
 full again (an absent key and a full bucket are the same thing, so idle keys cost nothing).
+The braces are a Redis Cluster hash tag: anything kept next to a bucket later shares its slot,
+and buckets spread over the Cluster's masters by their hash.
 
 Redis calls go through the daemon's one `RedisRunner` (off the trio thread, budgeted, with its
 own small breaker). Decisions that arrive while one is in flight are coalesced: the next call
@@ -25,12 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, final
 
-import redis
 import trio
 
 from resilient_ambassador.core.ratelimit import Decision, Limit, decision_from, gcra
 from resilient_ambassador.stores.errors import StoreUnavailable
-from resilient_ambassador.stores.redis_client import RedisRunner
+from resilient_ambassador.stores.redis_client import LuaScript, RedisClient, RedisRunner
 
 log = logging.getLogger("resilient_ambassador.ratelimit")
 
@@ -135,7 +136,7 @@ class RedisBuckets:
         self._on_failure = on_failure
         self._share = local_share
         self._fallback = fallback or MemoryBuckets()
-        self._script = runner.client.register_script(GCRA_LUA)  # no I/O: sha1 only
+        self._script = LuaScript(GCRA_LUA)
         self.fallbacks = 0  # decisions made without Redis
         self.round_trips = 0  # batches sent (decisions / round_trips = mean batch size)
         self._degraded = False
@@ -144,7 +145,7 @@ class RedisBuckets:
 
     async def acquire(self, key: str, limit: Limit, max_wait_s: float) -> Decision:
         item = _Pending(
-            self._prefix + key, [repr(limit.interval_s), str(limit.burst), repr(max(0.0, max_wait_s))]
+            f"{self._prefix}{{{key}}}", [repr(limit.interval_s), str(limit.burst), repr(max(0.0, max_wait_s))]
         )
         self._queue.append(item)
         try:
@@ -206,22 +207,10 @@ class RedisBuckets:
             if item.done.is_set():
                 self._next_leader()
 
-    def _pipeline(self, batch: list[tuple[str, list[str]]]) -> Callable[[redis.Redis], list[Any]]:
+    def _pipeline(self, batch: list[tuple[str, list[str]]]) -> Callable[[RedisClient], list[Any]]:
         script = self._script
-
-        def run(client: redis.Redis) -> list[Any]:
-            for attempt in range(2):
-                pipe = client.pipeline(transaction=False)
-                for key, args in batch:
-                    pipe.evalsha(script.sha, 1, key, *args)
-                replies: list[Any] = pipe.execute(raise_on_error=False)
-                if attempt == 0 and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
-                    client.script_load(GCRA_LUA)  # flushed or restarted Redis: load, then once more
-                    continue
-                return replies
-            raise AssertionError("unreachable")
-
-        return run
+        calls = [([key], args) for key, args in batch]
+        return lambda client: script.run_batch(client, calls)
 
     def _without_redis(self, key: str, limit: Limit, max_wait_s: float, exc: Exception) -> Decision:
         self.fallbacks += 1

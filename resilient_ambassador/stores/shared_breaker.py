@@ -26,12 +26,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, final
 
-import redis
 import trio
 
 from resilient_ambassador.core.config import BreakerConfig
 from resilient_ambassador.stores.errors import StoreUnavailable
-from resilient_ambassador.stores.redis_client import RedisRunner
+from resilient_ambassador.stores.redis_client import LuaScript, RedisClient, RedisRunner
 
 log = logging.getLogger("resilient_ambassador.redis")
 
@@ -117,7 +116,7 @@ class SharedBreakerSync:
         self._clock = clock
         self._upstreams: dict[str, _Upstream] = {}
         self._wake = trio.Event()
-        self._cas_delete = runner.client.register_script(_CAS_DELETE_LUA)  # no I/O: sha1 only
+        self._cas_delete = LuaScript(_CAS_DELETE_LUA)
         self.published = 0
         self.cleared = 0
         self.forced_opens = 0
@@ -222,7 +221,7 @@ class SharedBreakerSync:
         ).encode()
         key, px = upstream.key, max(1, math.ceil(remaining_s * 1000))
 
-        def write(client: redis.Redis) -> Any:
+        def write(client: RedisClient) -> Any:
             return client.set(key, value, px=px, nx=only_if_missing)
 
         if await self._runner.call(write):
@@ -234,8 +233,8 @@ class SharedBreakerSync:
         if value is None:
             return
 
-        def cas_delete(client: redis.Redis) -> Any:
-            return script(keys=[key], args=[value], client=client)
+        def cas_delete(client: RedisClient) -> Any:
+            return script(client, [key], [value])
 
         if await self._runner.call(cas_delete):
             self.cleared += 1
@@ -247,7 +246,7 @@ class SharedBreakerSync:
             return
         keys = [u.key for u in upstreams]
 
-        def read(client: redis.Redis) -> list[Any]:
+        def read(client: RedisClient) -> list[Any]:
             pipe = client.pipeline(transaction=False)  # one round trip; per key, so Cluster-safe
             for key in keys:
                 pipe.get(key)

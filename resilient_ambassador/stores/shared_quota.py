@@ -20,11 +20,10 @@ import secrets
 from collections.abc import Callable
 from typing import Any, Protocol, final
 
-import redis
 import trio
 
 from resilient_ambassador.stores.errors import StoreUnavailable
-from resilient_ambassador.stores.redis_client import RedisRunner
+from resilient_ambassador.stores.redis_client import LuaScript, RedisClient, RedisRunner
 
 log = logging.getLogger("resilient_ambassador.ratelimit")
 
@@ -71,7 +70,7 @@ class SharedQuotaSync:
         self._trackers: dict[str, SharedQuota] = {}
         self._pending: dict[str, float] = {}  # upstream -> pause end on `clock`
         self._wake = trio.Event()
-        self._extend = runner.client.register_script(_EXTEND_LUA)  # no I/O: sha1 only
+        self._extend = LuaScript(_EXTEND_LUA)
         self.replica_id = secrets.token_hex(6)
         self.published = 0
         self.applied = 0
@@ -126,11 +125,11 @@ class SharedQuotaSync:
                 raise
             self.published += 1
 
-    def _extender(self, key: str, px: int) -> Callable[[redis.Redis], Any]:
+    def _extender(self, key: str, px: int) -> Callable[[RedisClient], Any]:
         script, value = self._extend, self.replica_id
 
-        def extend(client: redis.Redis) -> Any:
-            return script(keys=[key], args=[value, px], client=client)
+        def extend(client: RedisClient) -> Any:
+            return script(client, [key], [value, px])
 
         return extend
 
@@ -140,7 +139,7 @@ class SharedQuotaSync:
             return
         keys = [self.key(name) for name in names]
 
-        def read(client: redis.Redis) -> list[Any]:
+        def read(client: RedisClient) -> list[Any]:
             pipe = client.pipeline(transaction=False)
             for key in keys:
                 pipe.pttl(key)

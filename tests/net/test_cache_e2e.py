@@ -247,13 +247,13 @@ async def test_two_daemons_share_redis_entries_but_not_across_credentials(nurser
         await other.app.cache_store.flush()  # type: ignore[union-attr]
         dump = redis.command("KEYS", "*")
         assert canary.encode() not in dump
-        entry_key_length = len(prefix) + len("c:") + 32
+        entry_key_length = len(prefix) + len("c:{}") + 32
         entries = [
             k
             for k in dump.split(b"\r\n")
             if k.startswith(prefix.encode() + b"c:") and len(k) == entry_key_length
         ]
-        assert len(entries) >= 2  # entries stored as prefix + "c:" + hash
+        assert len(entries) >= 2  # entries stored as prefix + "c:{" + hash + "}"
         for entry in entries:
             value = redis.command("GET", entry.decode())
             assert b"shared" in value

@@ -19,7 +19,7 @@ import trio.testing
 from resilient_ambassador.core.config import BreakerConfig
 from resilient_ambassador.core.errors import BreakerOpen
 from resilient_ambassador.stages.breaker import BreakerChange, BreakerStage
-from resilient_ambassador.stores.redis_client import RedisRunner, make_redis
+from resilient_ambassador.stores.redis_client import RedisRunner, connector
 from resilient_ambassador.stores.shared_breaker import SharedBreakerSync
 from tests.stages.test_breaker_stage import REQUEST, ScriptedUpstream, Step, expect_open, make, trip
 from tests.stores.redis_server import RedisServer, redis_server
@@ -182,7 +182,7 @@ async def replicas(url: str, prefix: str, n: int = 2, **breaker: Any) -> AsyncIt
     try:
         async with trio.open_nursery() as nursery:
             for i in range(n):
-                runner = RedisRunner(make_redis(url, timeout_s=BUDGET_S), budget_s=BUDGET_S, cooldown_s=0.2)
+                runner = RedisRunner(connector(url, timeout_s=BUDGET_S), budget_s=BUDGET_S, cooldown_s=0.2)
                 upstream = ScriptedUpstream()
                 stage = BreakerStage(upstream, config, name="billing")
                 sync = SharedBreakerSync(runner, key_prefix=prefix, replica_id=f"replica-{i}")

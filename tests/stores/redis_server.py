@@ -4,12 +4,13 @@ freeze Redis never touch the shared one on 6379."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -22,10 +23,16 @@ START_TIMEOUT_S = 5.0
 class RedisServer:
     """One redis-server process; `start()` again after `kill()` reuses the port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, *, args: Sequence[str] = (), cwd: str | os.PathLike[str] | None = None
+    ) -> None:
+        """`args`: extra redis-server options (cluster mode, TLS, replicaof, --sentinel with a
+        config file first); `cwd`: where it writes its files (a cluster's nodes.conf)."""
         if REDIS_SERVER is None:
             pytest.fail("redis-server is not installed (scripts/test installs it with apt-get)")
         self.port = port or free_port()
+        self.args = tuple(args)
+        self.cwd = cwd
         self.process: subprocess.Popen[bytes] | None = None
         self.stopped = False
 
@@ -36,9 +43,11 @@ class RedisServer:
     def start(self) -> None:
         assert self.process is None
         assert REDIS_SERVER is not None
+        config_file = list(self.args[:1]) if self.args[:1] and not self.args[0].startswith("--") else []
         self.process = subprocess.Popen(
             [
                 REDIS_SERVER,
+                *config_file,
                 "--port",
                 str(self.port),
                 "--bind",
@@ -51,9 +60,11 @@ class RedisServer:
                 "no",
                 "--loglevel",
                 "warning",
+                *self.args[len(config_file) :],
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            cwd=self.cwd,
         )
         deadline = time.monotonic() + START_TIMEOUT_S
         while not self._answers():

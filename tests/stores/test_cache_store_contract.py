@@ -1,6 +1,7 @@
 """One contract for every response store: the memory backend and the Redis backend (real
 Redis on 127.0.0.1:6379 under a unique key prefix; its near-cache is turned off here so every
-read goes to Redis), in the manner of pybreaker's storage mixin tests."""
+read goes to Redis) and the Redis backend on a 3-master Redis Cluster, in the manner of
+pybreaker's storage mixin tests."""
 
 from __future__ import annotations
 
@@ -53,15 +54,17 @@ def make_entry(
 StoreFactory = Callable[[Clock], CacheStore]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
+    """Memory, the shared Redis, and the session's 3-master Redis Cluster."""
     runners: list[RedisRunner] = []
     prefix = f"test:{secrets.token_hex(6)}:"
+    url = request.getfixturevalue("redis_cluster").url if request.param == "cluster" else SHARED_REDIS
 
     def factory(clock: Clock) -> CacheStore:
         if request.param == "memory":
             return MemoryCacheStore(1 << 20, clock=clock)
-        runner = RedisRunner.from_url(SHARED_REDIS, timeout_s=1.0)
+        runner = RedisRunner.from_url(url, timeout_s=1.0)
         runners.append(runner)
         return RedisCacheStore(
             runner, key_prefix=prefix, near_cache_bytes=1 << 20, near_ttl_s=0.0, clock=clock

@@ -31,12 +31,17 @@ def shared_redis() -> Iterator[str]:
         yield server.url
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def buckets(request: pytest.FixtureRequest, shared_redis: str) -> AsyncIterator[Buckets]:
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def buckets(request: pytest.FixtureRequest) -> AsyncIterator[Buckets]:
+    """Memory, one redis-server, and the session's 3-master Redis Cluster."""
     if request.param == "memory":
         yield MemoryBuckets()
         return
-    runner = RedisRunner.from_url(shared_redis, timeout_s=0.5)
+    if request.param == "cluster":
+        url = request.getfixturevalue("redis_cluster").url
+    else:
+        url = request.getfixturevalue("shared_redis")
+    runner = RedisRunner.from_url(url, timeout_s=0.5)
     try:
         yield RedisBuckets(runner, key_prefix=f"test:{secrets.token_hex(6)}:")
     finally:
@@ -112,7 +117,7 @@ async def test_redis_key_is_prefix_plus_hash_with_a_ttl(shared_redis: str) -> No
         hostile = descriptor_key("header", "r", b"*?[]\r\nKEYS *" + b"x" * 10_000)
         await store.acquire(hostile, FIVE_AT_ONCE, 0.0)
         keys = await runner.call(lambda c: c.keys(prefix + "*"))
-        assert keys == [f"{prefix}rl:{hostile}".encode()]
+        assert keys == [f"{prefix}rl:{{{hostile}}}".encode()]  # the hash is the Cluster hash tag
         ttl_ms = await runner.call(lambda c: c.pttl(keys[0]))
         assert 0 < ttl_ms <= 51  # full again after one interval
     finally:
@@ -229,7 +234,7 @@ async def test_killed_mid_run_falls_back_then_recovers(server: RedisServer, faul
             if store.fallbacks == before:
                 break  # answered by Redis again
             await trio.sleep(0.05)
-    assert int(server.command("PTTL", "ra:rl:k")[1:]) > 0  # the bucket lives in Redis again
+    assert int(server.command("PTTL", "ra:rl:{k}")[1:]) > 0  # the bucket lives in Redis again
 
 
 async def test_client_pause_costs_the_budget_then_fails_over(
