@@ -1,12 +1,14 @@
 """Reads and writes on a plain TCP socket's file descriptor, for the request hot path.
 
-trio's SocketStream makes every call a full checkpoint (a trip through the scheduler even when
-the kernel had the bytes at once) and always tries the syscall before waiting. A proxy knows
-better: a keep-alive client's next request, or an upstream's answer to a request just sent, is
-almost never there yet, so `receive` waits for readability first and then reads once, saving
-the EAGAIN round; and a write that the kernel takes whole (nearly all of them on loopback) costs
-one syscall and no scheduling. Every request still waits at least once in the scheduler, so
-other tasks are never starved. Only for sockets without TLS: TLS goes through trio's SSLStream.
+trio's SocketStream makes every call a full trip through the scheduler, reads and writes alike,
+behind several layers of wrappers. Here a write the kernel takes whole (nearly all of them on
+loopback) is one syscall and nothing else, and a read yields to the scheduler once, then reads.
+That one yield is what makes reads cheap under load: while the other connections' tasks run,
+the peer's answer arrives, so the read finds it and no epoll registration is needed (strace on
+the pass-through benchmark: about two reads and two writes per request, like a bare trio
+forwarder, and almost no epoll_ctl). Only when nothing is there does it wait for readability.
+Every read is a checkpoint, so no task starves the others and cancellation is honoured.
+Only for sockets without TLS: TLS goes through trio's SSLStream.
 
 Errors are the OS's (OSError, EOF as b""); callers map them, as they do for the streams.
 """
@@ -19,13 +21,14 @@ import trio
 
 
 async def receive(fd: int, max_bytes: int) -> bytes:
-    """Wait until `fd` is readable, then read what is there (b"" at EOF)."""
+    """What `fd` has to read (b"" at EOF), waiting for it if need be."""
+    await trio.lowlevel.checkpoint()
     while True:
-        await trio.lowlevel.wait_readable(fd)
         try:
             return os.read(fd, max_bytes)
         except BlockingIOError:
-            continue  # woken without data (another reader took it, or a spurious wake-up)
+            # Nothing yet (or a spurious wake-up): wait for readability, then read again.
+            await trio.lowlevel.wait_readable(fd)
 
 
 def receive_nowait(fd: int, max_bytes: int) -> bytes | None:
