@@ -34,6 +34,8 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
     }
 )
 
+_HOP_BY_HOP_AND_HOST = HOP_BY_HOP | {b"host"}
+
 VIA_PSEUDONYM = b"resilient-ambassador"
 # Requests that already passed this many ambassadors are refused (508): a loop through other
 # pods or processes, which the instance id below cannot see.
@@ -181,7 +183,8 @@ def forward_request_headers(
     """Headers for the upstream request: hop-by-hop and Connection-named fields removed, Host
     rewritten, X-Forwarded-* and Via added. Injected headers are added later, at the very last
     step (`inject_headers`), so no stage, log or span ever holds the secret."""
-    drop = HOP_BY_HOP | connection_tokens(headers) | {b"host"}
+    named = connection_tokens(headers)
+    drop = _HOP_BY_HOP_AND_HOST | named if named else _HOP_BY_HOP_AND_HOST
     out: Headers = [(b"host", upstream_host)]
     xff: bytes | None = None
     via: bytes | None = None
@@ -234,7 +237,8 @@ def inject_query(target: bytes, params: Iterable[tuple[bytes, bytes]]) -> bytes:
 def response_headers_for_client(headers: Headers, secrets: Iterable[bytes] = ()) -> Headers:
     """Upstream response headers as the client may see them: hop-by-hop removed (the server
     sets its own framing), and any header echoing an injected secret dropped."""
-    drop = HOP_BY_HOP | connection_tokens(headers)
+    named = connection_tokens(headers)
+    drop = HOP_BY_HOP | named if named else HOP_BY_HOP
     secrets = [s for s in secrets if s]
     out: Headers = []
     for name, value in headers:
