@@ -1,0 +1,25 @@
+"""The fault matrix as a table at the end of the run: worst latency and recovery per case."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import final
+
+
+@final
+@dataclass
+class FaultReport:
+    """Figures the matrix records per (feature, fault); printed by conftest's summary hook."""
+
+    rows: dict[tuple[str, str], tuple[float, float, int]] = field(default_factory=dict)
+
+    def record(self, feature: str, fault: str, worst_s: float, recovery_s: float, requests: int) -> None:
+        self.rows[(feature, fault)] = (worst_s, recovery_s, requests)
+
+    def lines(self) -> list[str]:
+        if not self.rows:
+            return []
+        out = [f"{'feature':<12}{'fault':<15}{'requests':>9}{'worst ms':>10}{'recovery ms':>13}"]
+        for (feature, fault), (worst_s, recovery_s, requests) in sorted(self.rows.items()):
+            out.append(f"{feature:<12}{fault:<15}{requests:>9}{worst_s * 1000:>10.0f}{recovery_s * 1000:>13.0f}")
+        return out
