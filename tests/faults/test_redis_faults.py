@@ -140,6 +140,7 @@ class Feature(Protocol):
     async def during_fault(self, a: RunningDaemon, b: RunningDaemon) -> None: ...
     def fault_seen(self, a: RunningDaemon, b: RunningDaemon) -> bool: ...
     async def shared_again(self, a: RunningDaemon, b: RunningDaemon) -> bool: ...
+    async def after_recovery(self, a: RunningDaemon, b: RunningDaemon) -> list[float]: ...
 
 
 def _route(**fields: object) -> RouteConfig:
@@ -150,8 +151,16 @@ def _unique() -> str:
     return secrets.token_hex(6)
 
 
-async def _get(daemon: RunningDaemon, target: str, headers: list[tuple[str, str]] | None = None) -> ClientResponse:
+async def _get(
+    daemon: RunningDaemon, target: str, headers: list[tuple[str, str]] | None = None
+) -> ClientResponse:
     return await http_request(daemon.port, "GET", target, [*HOST, *(headers or [])])
+
+
+# Slow refill: nothing comes back during a case, so "B refuses after A spent the burst" is exact.
+TENANT_LIMIT = RateLimitConfig(
+    count=3, period_s=60.0, burst=3, key="header", key_header="x-tenant", backend="redis"
+)
 
 
 @dataclass
@@ -162,9 +171,7 @@ class RateLimit:
     name: ClassVar[str] = "rate_limit"
     # A batch leader's round trip, then its own if it queued behind one.
     redis_calls_per_request: ClassVar[int] = 2
-    limit: RateLimitConfig = RateLimitConfig(
-        count=3, period_s=60.0, burst=3, key="header", key_header="x-tenant", backend="redis"
-    )
+    limit: RateLimitConfig = field(default_factory=lambda: TENANT_LIMIT)
 
     def config(self, upstream_url: str, redis: RedisConfig) -> Config:
         assert self.limit.on_backend_failure == "local"  # the documented default under test
@@ -193,6 +200,29 @@ class RateLimit:
         assert refused.status in (200, 429)
         return refused.status == 429  # B saw A's three tokens: one bucket again
 
+    async def after_recovery(self, a: RunningDaemon, b: RunningDaemon) -> list[float]:
+        return await _timed([(d, *self.target()) for d in (a, b) for _ in range(5)])
+
+
+async def _timed(requests: list[tuple[RunningDaemon, str, list[tuple[str, str]]]]) -> list[float]:
+    """The requests, WORKERS_PER_DAEMON * 2 at a time, each asserted 200; their wall-clock
+    latencies."""
+    latencies_s: list[float] = []
+    pending = list(requests)
+
+    async def client() -> None:
+        while pending:
+            daemon, target, headers = pending.pop()
+            started = trio.current_time()
+            response = await _get(daemon, target, headers)
+            latencies_s.append(trio.current_time() - started)
+            assert response.status == 200, (target, response.status, response.body[:100])
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(WORKERS_PER_DAEMON * 2):
+            nursery.start_soon(client)
+    return latencies_s
+
 
 def _route_stats(daemon: RunningDaemon) -> dict[str, int]:
     stats = daemon.app.stats()["rate_limits"]
@@ -214,6 +244,7 @@ class Cache:
     # A miss reads the entry, then takes the lease; writes are in the background.
     redis_calls_per_request: ClassVar[int] = 2
     hot: list[str] = field(default_factory=list)
+    asked: list[str] = field(default_factory=list)
     warmed: bool = False
 
     def config(self, upstream_url: str, redis: RedisConfig) -> Config:
@@ -227,13 +258,14 @@ class Cache:
     def target(self) -> tuple[str, list[tuple[str, str]]]:
         if not self.hot or secrets.randbelow(3) == 0:
             self.hot.append(f"/hot/{_unique()}")  # a new hot URL every few requests
-        if secrets.randbelow(2):
-            return self.hot[-1], []
-        return f"/miss/{_unique()}", []
+        target = self.hot[-1] if secrets.randbelow(2) else f"/miss/{_unique()}"
+        self.asked.append(target)
+        return target, []
 
     async def before_fault(self, a: RunningDaemon, b: RunningDaemon) -> None:
         assert (await _get(a, "/warm")).status == 200
         self.warmed = True
+        await trio.sleep(1.1)  # past the near-cache TTL: A asks Redis for it again
 
     async def during_fault(self, a: RunningDaemon, b: RunningDaemon) -> None:
         if self.warmed:  # over a second later: past the near-cache TTL, so Redis was asked first
@@ -262,6 +294,12 @@ class Cache:
                 await trio.sleep(0.05)
         return False
 
+    async def after_recovery(self, a: RunningDaemon, b: RunningDaemon) -> list[float]:
+        """Every URL asked during the fault, on both pods: no lease or entry left behind by
+        the fault may hold a request up (a Redis that thawed may still run what it was sent)."""
+        targets = sorted(set(self.asked))
+        return await _timed([(d, target, []) for target in targets for d in (a, b)])
+
 
 @dataclass
 class Quota:
@@ -289,6 +327,7 @@ class Quota:
 
     async def during_fault(self, a: RunningDaemon, b: RunningDaemon) -> None:
         assert (await _get(a, "/quota")).status == 429  # the upstream's own answer
+        await trio.sleep(0.3)  # A's sync tries (and fails) to publish the pause meanwhile
 
     def fault_seen(self, a: RunningDaemon, b: RunningDaemon) -> bool:
         return any(d.app.quota_sync is not None and d.app.quota_sync.sync_errors > 0 for d in (a, b))
@@ -300,6 +339,9 @@ class Quota:
         assert held.status == 429
         assert held.header("x-ambassador-error") == "upstream_quota_exhausted"
         return True
+
+    async def after_recovery(self, a: RunningDaemon, b: RunningDaemon) -> list[float]:
+        return []  # both pods now hold the upstream's traffic: shared_again asked B
 
 
 @dataclass
@@ -329,6 +371,7 @@ class Breaker:
     async def during_fault(self, a: RunningDaemon, b: RunningDaemon) -> None:
         assert [(await _get(a, "/fail")).status for _ in range(3)] == [503] * 3  # the upstream's
         assert _breaker(a).state == "open"
+        await trio.sleep(0.3)  # A's sync tries (and fails) to publish the open meanwhile
 
     def fault_seen(self, a: RunningDaemon, b: RunningDaemon) -> bool:
         return any(d.app.breaker_sync is not None and d.app.breaker_sync.sync_errors > 0 for d in (a, b))
@@ -340,6 +383,9 @@ class Breaker:
         assert (refused.status, refused.header("x-ambassador-error")) == (503, "circuit_open")
         return True
 
+    async def after_recovery(self, a: RunningDaemon, b: RunningDaemon) -> list[float]:
+        return []  # both breakers are now open: shared_again asked B
+
 
 def _breaker(daemon: RunningDaemon) -> BreakerStage:
     stage = daemon.app.breakers["up"]
@@ -347,9 +393,7 @@ def _breaker(daemon: RunningDaemon) -> BreakerStage:
     return stage
 
 
-FEATURES: dict[str, Callable[[], Feature]] = {
-    f.name: f for f in (RateLimit, Cache, Quota, Breaker)
-}
+FEATURES: dict[str, Callable[[], Feature]] = {f.name: f for f in (RateLimit, Cache, Quota, Breaker)}
 
 
 # -- the matrix -------------------------------------------------------------------------------
@@ -417,23 +461,29 @@ async def test_redis_fault(
     b = await start_daemon(nursery, config)
     if fault.up_at_start:
         await feature.before_fault(a, b)
-        await trio.sleep(1.1)  # past the near-cache TTL: reads go to Redis again
 
     fault.inject(server)
     traffic = await _drive(feature, [a, b], fault.window_s)
     await feature.during_fault(a, b)
     ready = [(await http_request(d.admin_port, "GET", "/readyz")).status for d in (a, b)]
-    await trio.sleep(0.3)  # the syncs try (and fail) to publish what during_fault changed
     fault_seen = feature.fault_seen(a, b)
     fault.heal(server)
 
     healed = trio.current_time()
     shared = False
     with trio.move_on_after(RECOVERY_S):
-        while not (shared := await feature.shared_again(a, b)):
+        while not (shared := await feature.shared_again(a, b)):  # noqa: ASYNC110 (state in Redis)
             await trio.sleep(0.05)
     recovery_s = trio.current_time() - healed
-    fault_report.record(feature.name, fault.name, traffic.worst_s, recovery_s, len(traffic.latencies_s))
+    after_s = await feature.after_recovery(a, b) if shared else []
+    fault_report.record(
+        feature.name,
+        fault.name,
+        traffic.worst_s,
+        recovery_s,
+        len(traffic.latencies_s),
+        max(after_s, default=0.0),
+    )
 
     bound_s = feature.redis_calls_per_request * BUDGET_S + MARGIN_S
     assert traffic.bad == [], f"non-200 answers while Redis was faulty: {traffic.bad[:5]}"
@@ -442,7 +492,16 @@ async def test_redis_fault(
     assert fault_seen, "the fault never reached the feature: the case proves nothing"
     assert ready == [200, 200]
     assert shared, f"{feature.name} not shared again within {RECOVERY_S}s of Redis healing"
+    assert max(after_s, default=0.0) <= bound_s, f"after recovery: {max(after_s):.3f}s over {bound_s:.2f}s"
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == []
+    # Logged once per daemon when Redis goes away (and maybe once more if it flapped while
+    # healing), never once per call.
+    gone = [
+        r
+        for r in caplog.records
+        if r.name == "resilient_ambassador.redis" and "unavailable" in r.getMessage()
+    ]
+    assert len(gone) <= 4, [r.getMessage() for r in gone]
     for daemon in (a, b):
         daemon.app.stop_now()
