@@ -4,7 +4,6 @@ and a canary credential that must appear in none of them."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import trio
