@@ -54,9 +54,10 @@ from tests.support.upstream import Received, Reply, start_fake_upstream
 BUDGET_S = 0.15
 # Wall-clock slack on top of the Redis cost: loopback HTTP through two in-process daemons and a
 # fake upstream, plus redis-py's worker-thread hops, on a shared 2-core machine where other test
-# runs compete for the CPU. Unfaulted requests here take ~2-20 ms; a scheduling hiccup of a few
-# hundred ms is plausible, one of a full fault window (>= 1.5 s, over twice the largest bound) is
-# not, so a request that waited on Redis would still be caught.
+# runs compete for the CPU. The breaker and quota cases, whose requests never touch Redis, see
+# 20-200 ms at worst under a load average of 9; a hiccup of a few hundred ms is plausible, one
+# of a whole pause or freeze (2 s, over twice the largest bound) is not, so a request that
+# waited on Redis would still be caught (checked by lifting the budget and socket timeouts).
 MARGIN_S = 0.6
 # Healing to sharing again: the runner's 1 s cool-down, a redis-py reconnect, the quota sync's
 # 0.5 s poll; generous for the same busy-machine reason.
