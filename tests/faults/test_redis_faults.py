@@ -404,6 +404,10 @@ class Traffic:
     statuses: dict[int, int] = field(default_factory=dict)
     latencies_s: list[float] = field(default_factory=list)
     bad: list[str] = field(default_factory=list)
+    # The event loop's worst lateness waking a 10 ms sleep: a stall of the whole process (a
+    # Redis call on the trio thread, or the machine being busy), as opposed to one request
+    # waiting on Redis.
+    loop_lag_s: float = 0.0
 
     @property
     def worst_s(self) -> float:
@@ -425,7 +429,14 @@ async def _drive(feature: Feature, daemons: list[RunningDaemon], window_s: float
             if response.status != 200:
                 traffic.bad.append(f"{target} -> {response.status} {response.body[:100]!r}")
 
+    async def lag() -> None:
+        while trio.current_time() < end:
+            asleep = trio.current_time()
+            await trio.sleep(0.01)
+            traffic.loop_lag_s = max(traffic.loop_lag_s, trio.current_time() - asleep - 0.01)
+
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(lag)
         for daemon in daemons:
             for _ in range(WORKERS_PER_DAEMON):
                 nursery.start_soon(client, daemon)
@@ -483,6 +494,7 @@ async def test_redis_fault(
         recovery_s,
         len(traffic.latencies_s),
         max(after_s, default=0.0),
+        traffic.loop_lag_s,
     )
 
     bound_s = feature.redis_calls_per_request * BUDGET_S + MARGIN_S
