@@ -1,10 +1,11 @@
 """The secret canary (issue #11): one daemon with every feature that touches the injected
 credential, driven through forwarding, retries, errors, timeouts, a redirect, the Redis cache,
-a credential-keyed Redis rate limit, a shared breaker and a shared upstream quota, with
-tracing to an in-memory exporter, metrics, an access log file and DEBUG logging. The
-credentials are unique canaries (a header from the environment and a query parameter from a
-file on one upstream, the other way round on the second), and a careless upstream echoes what
-it received in every response's headers. Then every sink is scanned (tests/support/canary.py):
+a credential-keyed Redis rate limit, a shared breaker and a shared upstream quota, then Redis
+dying, with tracing to an in-memory exporter, metrics, an access log file and DEBUG logging.
+The credentials are unique canaries (a header from the environment and a query parameter from
+a file on one upstream, the other way round on the second; the file is rotated mid-run), so is
+the Redis password, and a careless upstream echoes what it received in every response's
+headers. Then every sink is scanned (tests/support/canary.py):
 nothing the client got, no log record, no access-log line, no span, no metric, no admin
 document and no Redis key or value under the test's prefix may hold a canary.
 """
@@ -108,10 +109,12 @@ async def _scenario(
         RouteConfig(upstream="up", name="api", retry=RetryConfig(retries=1)),
     ]
     prefix = f"canary-{canary.env_value[-8:]}:"
+    server.command("CONFIG", "SET", "requirepass", canary.redis_password)
+    redis_url = f"redis://:{canary.redis_password}@127.0.0.1:{server.port}/0"
     access_log = tmp_path / "access.log"
     config = dataclasses.replace(
         simple_config(up, routes=routes, extra_upstreams=[flaky]),
-        redis=RedisConfig(url=server.url, key_prefix=prefix),
+        redis=RedisConfig(url=redis_url, key_prefix=prefix),
         cache=CacheStoreConfig(backend="redis"),
         access_log=AccessLogConfig(path=str(access_log)),
     )
@@ -136,6 +139,12 @@ async def _scenario(
     assert redirect.status == 302  # passed on, never followed
     assert [(await get("/cache/a")).status for _ in range(2)] == [200, 200]
     assert [(await get("/rl")).status for _ in range(4)] == [200, 200, 200, 429]
+    original, rotated = (
+        canary.file_value,
+        canary.rotate(),
+    )  # the Secret is rotated mid-run: both values stay secret
+    assert (await get("/echo?rotated=1")).status == 200
+    assert upstream.received[-1].target == f"/echo?rotated=1&api_key={rotated}".encode()
     assert [(await get("/flaky/x")).status for _ in range(3)] == [503, 503, 503]
     assert responses[-1][1].header("x-ambassador-error") == "circuit_open"
     assert (await get("/quota")).status == 429  # the upstream's; the pause is shared
@@ -145,8 +154,8 @@ async def _scenario(
     # The canaries did reach the upstream, so every scan below is looking for something real.
     first, flaky_seen = upstream.received[0], upstream.received[-2]
     assert first.header_values("x-api-key") == [canary.env_value]
-    assert first.target == f"/echo?x=1&api_key={canary.file_value}".encode()
-    assert flaky_seen.header_values("x-api-key") == [f"Bearer {canary.file_value}"]
+    assert first.target == f"/echo?x=1&api_key={original}".encode()
+    assert flaky_seen.header_values("x-api-key") == [f"Bearer {rotated}"]
     assert flaky_seen.target.endswith(f"api_key={canary.env_value}".encode())
 
     # Redis holds what the shared features wrote once their background tasks ran.
@@ -160,10 +169,20 @@ async def _scenario(
             and daemon.app.quota_sync.published
         ):
             await trio.sleep(0.02)
+    scan = canary.scan
+    # Entries, their URL sets and index, a bucket, the breaker and the quota.
+    assert scan.redis_keys(redis_url, prefix) >= 5
+
+    # Then Redis dies: its errors reach logs, /stats and the fallbacks, never a secret.
+    server.kill()
+    # The cache read and the rate-limit decision go to the dead Redis first; the quota pause
+    # (held locally) then answers.
+    after = [await get(t) for t in ("/cache/b", "/rl", "/echo?after=redis")]
+    assert [r.header("x-ambassador-error") for r in after] == ["upstream_quota_exhausted"] * 3
+    assert any(r.name == "resilient_ambassador.redis" for r in caplog.records)
     assert daemon.app.access_log is not None
     await daemon.app.access_log.flush()
 
-    scan = canary.scan
     for target, response in responses:
         scan.response(response, f"the response to {target}")
     admin = await scan.admin(daemon.admin_port)
@@ -174,6 +193,4 @@ async def _scenario(
     assert len(log_lines) >= len(responses)
     scan.absent("the access log", "\n".join(log_lines))
     assert scan.log_records(caplog.records) > 0
-    # Entries, their URL sets and index, a bucket, the breaker and the quota.
-    assert scan.redis_keys(server.url, prefix) >= 5
     daemon.app.stop_now()

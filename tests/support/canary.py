@@ -97,20 +97,32 @@ class SecretScan:
 
 @final
 class Canary:
-    """Unique credentials for one test: `env_value` as ${API_KEY}, `file_value` as
-    ${file:...}; inject them with `headers` and `query`, resolve with `resolver()`."""
+    """Unique secrets for one test: `env_value` as ${API_KEY} and `file_value` as ${file:...}
+    (inject them with `headers` and `query`, resolve with `resolver()`; `rotate()` replaces
+    the file's value as Kubernetes does), and `redis_password` for a Redis URL. `scan` looks
+    for all of them, rotated-out values included."""
 
     def __init__(self, directory: Path) -> None:
         self.env_value = f"canary-env-{secrets.token_hex(8)}"
         self.file_value = f"canary-file-{secrets.token_hex(8)}"
+        self.redis_password = f"canary-redis-{secrets.token_hex(8)}"
         self.file = directory / "api-token"
-        self.file.write_text(
-            self.file_value + "\n"
-        )  # a trailing newline, as `kubectl create secret` files often have
-        self.scan = SecretScan(self.env_value, self.file_value)
+        self._values = [self.env_value, self.file_value, self.redis_password]
+        self._write(self.file_value)
+
+    @property
+    def scan(self) -> SecretScan:
+        return SecretScan(*self._values)
 
     def resolver(self) -> SecretResolver:
-        return SecretResolver(environ={"API_KEY": self.env_value})
+        """Re-reads the file on every use, so a rotation shows at once."""
+        return SecretResolver(environ={"API_KEY": self.env_value}, recheck_interval_s=0.0)
+
+    def rotate(self) -> str:
+        self.file_value = f"canary-rotated-{secrets.token_hex(8)}"
+        self._values.append(self.file_value)
+        self._write(self.file_value)
+        return self.file_value
 
     @property
     def headers(self) -> tuple[tuple[str, Template], ...]:
@@ -119,6 +131,12 @@ class Canary:
     @property
     def query(self) -> tuple[tuple[str, Template], ...]:
         return (("api_key", parse_template(f"${{file:{self.file}}}")),)
+
+    def _write(self, value: str) -> None:
+        # Replaced atomically (a new inode), with a trailing newline, as a mounted Secret is.
+        staged = self.file.with_suffix(".new")
+        staged.write_text(value + "\n")
+        staged.replace(self.file)
 
 
 def _contents(client: redis.Redis, key: bytes) -> bytes:
