@@ -49,8 +49,11 @@ class SecretScan:
 
     def response(self, response: ClientResponse, where: str = "a response") -> None:
         """Status line aside, everything the client got: header names and values, and the body."""
-        self.absent(f"{where}'s headers", b"\n".join(n + b": " + v for n, v in response.headers))
+        self.headers(response, where)
         self.absent(f"{where}'s body", response.body)
+
+    def headers(self, response: ClientResponse, where: str = "a response") -> None:
+        self.absent(f"{where}'s headers", b"\n".join(n + b": " + v for n, v in response.headers))
 
     def log_records(self, records: Iterable[logging.LogRecord]) -> int:
         """Each record formatted as a handler would (message, arguments, traceback); returns
