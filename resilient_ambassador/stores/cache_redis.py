@@ -304,11 +304,13 @@ class RedisCacheStore:
         ttl_ms = max(1, math.ceil(ttl_s * 1000))
         try:
             got = await self._runner.call(lambda client: client.set(lease_key, token, nx=True, px=ttl_ms))
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             self.stats.redis_fallbacks += 1
-            if len(self._unsure) >= MAX_UNSURE_LEASES:
-                del self._unsure[next(iter(self._unsure))]
-            self._unsure[token] = lease_key
+            # Refused (OOM, say) means Redis answered and set nothing; anything else may land.
+            if not isinstance(exc.__cause__, redis.ResponseError):
+                if len(self._unsure) >= MAX_UNSURE_LEASES:
+                    del self._unsure[next(iter(self._unsure))]
+                self._unsure[token] = lease_key
             return True
         if got:
             self._leases[key] = token

@@ -114,3 +114,21 @@ async def test_a_lease_sent_to_a_frozen_redis_is_released_when_it_thaws(server: 
     # Released at the first retry once Redis answers (cool-down 0.3 s, retry every 0.25 s).
     assert time.monotonic() - started < 1.0 + SLACK_S
     await runner.aclose()
+
+
+async def test_a_lease_refused_for_memory_is_not_released_later(
+    server: RedisServer, runner: RedisRunner
+) -> None:
+    """OOM: Redis answered and set nothing, so there is nothing to release (and no retry
+    traffic against a Redis that is already struggling)."""
+    server.command("CONFIG", "SET", "maxmemory", "1")
+    server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    store = make_store(runner, Clock())
+    assert await store.lease("k1", 5.0)  # refused: this pod fetches itself
+    assert runner.healthy
+    calls = runner.calls
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await trio.sleep(0.6)  # past two UNSURE_LEASE_RETRY_S: no release was attempted
+        nursery.cancel_scope.cancel()
+    assert runner.calls == calls
