@@ -473,12 +473,13 @@ async def test_redis_fault(
     if fault.up_at_start:
         await feature.before_fault(a, b)
 
-    fault.inject(server)
+    # In a thread, like the heal: the daemons keep serving on this event loop meanwhile.
+    await trio.to_thread.run_sync(fault.inject, server)
     traffic = await _drive(feature, [a, b], fault.window_s)
     await feature.during_fault(a, b)
     ready = [(await http_request(d.admin_port, "GET", "/readyz")).status for d in (a, b)]
     fault_seen = feature.fault_seen(a, b)
-    fault.heal(server)
+    await trio.to_thread.run_sync(fault.heal, server)  # the pause: until it has expired
 
     healed = trio.current_time()
     shared = False
