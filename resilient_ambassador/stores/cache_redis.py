@@ -10,7 +10,10 @@ a key, a pattern or script source):
 - `<prefix>c:idx`: a sorted set indexing entries for purges: member `<key> <target>`, score
   the entry's expiry in ms (pruned on every write), scanned with bounded ZSCAN by a purge.
 - `<prefix>c:l:{<key>}`: a short lease (SET NX PX) so one pod fetches a missing entry while
-  the others wait for it to appear (cross-pod request coalescing).
+  the others wait for it to appear (cross-pod request coalescing). A lease call that ran out
+  of budget may still land later (a frozen Redis runs it when it thaws): `run()` releases such
+  leases by compare-and-delete as soon as Redis answers, so they never stall other pods for a
+  whole lease TTL.
 
 The braces are Redis Cluster hash tags: an entry and its lease share a slot (one node answers
 for one cache key), and entries spread over the masters by key. No command or script touches
@@ -34,6 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any, final
 
+import redis
 import trio
 
 from resilient_ambassador.core.cache_rules import CachedEntry
@@ -49,6 +53,12 @@ WRITE_QUEUE = 1000
 PURGE_SCAN_COUNT = 1000
 PURGE_MAX_MEMBERS = 1_000_000
 FORMAT_VERSION = 1
+# A lease SET that ran out of budget may still run later: a frozen Redis (SIGSTOP, a VM pause)
+# executes what it was sent when it thaws, and that lease would then hold every pod's request
+# for its URL for a whole lease TTL. Such leases are released by compare-and-delete once Redis
+# answers again, tried this often; at most this many are remembered (oldest forgotten first).
+UNSURE_LEASE_RETRY_S = 0.25
+MAX_UNSURE_LEASES = 1024
 
 _Op = tuple[str, Any]
 
@@ -138,6 +148,8 @@ class RedisCacheStore:
         self._clock = clock
         self._send, self._receive = trio.open_memory_channel[_Op](WRITE_QUEUE)
         self._leases: dict[str, str] = {}  # key -> our token, while we hold its lease
+        self._unsure: dict[str, bytes] = {}  # token -> lease key: a lease SET that may yet land
+        self._unsure_retry_at = -math.inf  # on trio's clock
         self._applying = trio.Lock()  # one write at a time; flush() waits for the current one
 
     def _key(self, key: str) -> bytes:
@@ -183,11 +195,21 @@ class RedisCacheStore:
             self.stats.dropped_writes += 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Apply queued writes, one at a time (each within the runner's budget)."""
+        """Apply queued writes, one at a time (each within the runner's budget), and release
+        unsure leases every UNSURE_LEASE_RETRY_S until Redis answers."""
         task_status.started()
-        async for op in self._receive:
+        while True:
+            op: _Op | None = None
+            with trio.move_on_after(UNSURE_LEASE_RETRY_S if self._unsure else math.inf):
+                try:
+                    op = await self._receive.receive()
+                except trio.EndOfChannel:
+                    return
             async with self._applying:
-                await self._apply(op)
+                if op is not None:
+                    await self._apply(op)
+                if self._unsure and trio.current_time() >= self._unsure_retry_at:
+                    await self._release_unsure()
 
     async def flush(self) -> None:
         """Apply every queued write now (tests, and before a purge so it sees them)."""
@@ -289,8 +311,13 @@ class RedisCacheStore:
         ttl_ms = max(1, math.ceil(ttl_s * 1000))
         try:
             got = await self._runner.call(lambda client: client.set(lease_key, token, nx=True, px=ttl_ms))
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             self.stats.redis_fallbacks += 1
+            # Refused (OOM, say) means Redis answered and set nothing; anything else may land.
+            if not isinstance(exc.__cause__, redis.ResponseError):
+                if len(self._unsure) >= MAX_UNSURE_LEASES:
+                    del self._unsure[next(iter(self._unsure))]
+                self._unsure[token] = lease_key
             return True
         if got:
             self._leases[key] = token
@@ -305,6 +332,21 @@ class RedisCacheStore:
 
     def _lease_key(self, key: str) -> bytes:
         return self._prefix + b"l:{" + key.encode() + b"}"
+
+    async def _release_unsure(self) -> None:
+        """Compare-and-delete every unsure lease (only ever our own token); kept on failure."""
+        self._unsure_retry_at = trio.current_time() + UNSURE_LEASE_RETRY_S
+        pairs = list(self._unsure.items())
+
+        def release(client: RedisClient) -> None:
+            _CAS_DELETE.run_batch(client, [([lease_key], [token]) for token, lease_key in pairs])
+
+        try:
+            await self._runner.call(release)
+        except StoreUnavailable:
+            return
+        for token, _ in pairs:
+            self._unsure.pop(token, None)
 
     async def _unlease(self, key: str, token: str) -> None:
         lease_key = self._lease_key(key)

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+import trio
 
 from resilient_ambassador.stores.cache_redis import WRITE_QUEUE, RedisCacheStore
 from resilient_ambassador.stores.redis_client import RedisRunner, make_redis
@@ -85,3 +86,49 @@ async def test_a_full_write_queue_drops_and_counts(runner: RedisRunner) -> None:
     for i in range(WRITE_QUEUE + 5):
         store.put(make_entry(f"k{i}"))  # queued for run(); the caller never waits for Redis
     assert store.stats.dropped_writes == 5
+
+
+async def test_a_lease_sent_to_a_frozen_redis_is_released_when_it_thaws(server: RedisServer) -> None:
+    """SIGSTOP between the read and the lease: the SET NX is abandoned at the budget, and the
+    thawed Redis runs it anyway. Without its release, every pod would wait a whole lease TTL
+    (coalesce_wait_s) for a fetch nobody is making."""
+    runner = RedisRunner(make_redis(server.url, timeout_s=BUDGET_S), budget_s=BUDGET_S, cooldown_s=0.3)
+    store = make_store(runner, Clock())
+    other = make_store(RedisRunner(make_redis(server.url, timeout_s=BUDGET_S), budget_s=BUDGET_S), Clock())
+    assert await store.get("k1") is None  # a pooled connection, as in a busy daemon
+    server.freeze()
+    assert await store.lease("k1", 30.0)  # cannot ask: this pod fetches itself
+    server.thaw()
+    with trio.fail_after(5):
+        while b":-2" in server.command("PTTL", "t:c:l:{k1}"):  # noqa: ASYNC110 (state in Redis)
+            await trio.sleep(0.01)  # the thawed Redis ran the abandoned SET NX: a ghost lease
+    assert not await other.lease("k1", 30.0)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        started = time.monotonic()
+        with trio.fail_after(5):
+            while not await other.lease("k1", 30.0):  # noqa: ASYNC110 (state in Redis)
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    # Released at the first retry once Redis answers (cool-down 0.3 s, retry every 0.25 s).
+    assert time.monotonic() - started < 1.0 + SLACK_S
+    await runner.aclose()
+
+
+async def test_a_lease_refused_for_memory_is_not_released_later(
+    server: RedisServer, runner: RedisRunner
+) -> None:
+    """OOM: Redis answered and set nothing, so there is nothing to release (and no retry
+    traffic against a Redis that is already struggling)."""
+    server.command("CONFIG", "SET", "maxmemory", "1")
+    server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    store = make_store(runner, Clock())
+    assert await store.lease("k1", 5.0)  # refused: this pod fetches itself
+    assert runner.healthy
+    calls = runner.calls
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await trio.sleep(0.6)  # past two UNSURE_LEASE_RETRY_S: no release was attempted
+        nursery.cancel_scope.cancel()
+    assert runner.calls == calls

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 import ssl
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self, final
@@ -49,8 +49,12 @@ class ClientResponse:
         return ", ".join(values) if values else None
 
 
+# Called with every response the h11 client parses (tests/conftest.py's secret canary).
+RESPONSE_OBSERVERS: list[Callable[[ClientResponse], None]] = []
+
+
 def _response(head: h11.Response, body: bytearray, informational: list[int]) -> ClientResponse:
-    return ClientResponse(
+    response = ClientResponse(
         status=head.status_code,
         headers=list(head.headers),
         body=bytes(body),
@@ -58,6 +62,9 @@ def _response(head: h11.Response, body: bytearray, informational: list[int]) -> 
         http_version=head.http_version,
         informational=informational,
     )
+    for observe in RESPONSE_OBSERVERS:
+        observe(response)
+    return response
 
 
 def _latin1(value: str | bytes) -> bytes:
