@@ -139,6 +139,8 @@ def _fields(block: bytes) -> Headers:
 
 def _content_length(values: list[bytes]) -> int:
     """RFC 9112 6.3: several Content-Length values (in one field or several) must all agree."""
+    if len(values) == 1 and _DIGITS.fullmatch(values[0]) is not None:
+        return int(values[0])  # the usual case: one plain number
     lengths = {v.strip(b" \t") for value in values for v in value.split(b",")}
     if len(lengths) != 1:
         raise FramingError("conflicting Content-Length values")
