@@ -92,10 +92,8 @@ class CachedEntry:
 
     def storage_ttl_s(self, now: float) -> float:
         """How long a store must keep it: freshness left plus the longest stale window."""
-        windows = 0.0 if self.no_stale else max(self.swr_s, self.sie_s)
-        if self.header(b"etag") is not None or self.header(b"last-modified") is not None:
-            windows = max(windows, VALIDATOR_KEEP_S)
-        return self.ttl_s(now) + windows
+        has_validator = self.header(b"etag") is not None or self.header(b"last-modified") is not None
+        return self.ttl_s(now) + _kept_after_stale_s(self.no_stale, self.swr_s, self.sie_s, has_validator)
 
     def header(self, name: bytes) -> bytes | None:
         for n, v in self.headers:
@@ -222,6 +220,33 @@ def initial_age(headers: Headers, request_time: float, response_time: float) -> 
     return max(apparent, age_value + max(0.0, response_time - request_time))
 
 
+def _kept_after_stale_s(no_stale: bool, swr_s: float, sie_s: float, has_validator: bool) -> float:
+    """How long past its freshness an entry is still worth keeping: its longest stale window,
+    or long enough to revalidate with when it has a validator."""
+    windows = 0.0 if no_stale else max(swr_s, sie_s)
+    return max(windows, VALIDATOR_KEEP_S) if has_validator else windows
+
+
+def _no_stale(cc: CacheControl) -> bool:
+    return any(cc.has(d) for d in ("must-revalidate", "proxy-revalidate", "s-maxage", "no-cache"))
+
+
+def never_usable(
+    status: int, headers: Headers, cc: CacheControl, response_time: float, config: RouteCacheConfig
+) -> bool:
+    """No request could ever be answered from this response: no freshness, no stale window and
+    no validator. Decided without building the entry: the usual uncacheable response costs the
+    miss path nothing more."""
+    if freshness_lifetime(status, headers, cc, response_time, config) > 0:
+        return False
+    has_validator = (
+        header_value(headers, b"etag") is not None or header_value(headers, b"last-modified") is not None
+    )
+    swr_s = _window(cc, "stale-while-revalidate", config.stale_while_revalidate_s)
+    sie_s = _window(cc, "stale-if-error", config.stale_if_error_s)
+    return _kept_after_stale_s(_no_stale(cc), swr_s, sie_s, has_validator) <= 0
+
+
 def _window(cc: CacheControl, name: str, configured_s: float) -> float:
     seconds = cc.seconds(name)
     if seconds is None:
@@ -248,7 +273,7 @@ def build_entry(
     stored = [(n, v) for n, v in headers if n not in _NOT_STORED]
     if status != 204:  # RFC 9110 8.6: a 204 never carries Content-Length
         stored.append((b"content-length", str(len(body)).encode()))
-    no_stale = any(cc.has(d) for d in ("must-revalidate", "proxy-revalidate", "s-maxage", "no-cache"))
+    no_stale = _no_stale(cc)
     return CachedEntry(
         key=key,
         url_key=url_key,

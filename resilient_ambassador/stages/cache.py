@@ -37,6 +37,7 @@ from resilient_ambassador.core.cache_rules import (
     has_credentials,
     has_validators,
     merge_not_modified,
+    never_usable,
     not_modified,
     not_modified_headers,
     not_stored_reason,
@@ -319,15 +320,14 @@ class CacheStage:
         fwd_status: int | None = None,
     ) -> Response:
         response_time = self._clock()
+        res_cc = cache_control(response.headers)
         why = not_stored_reason(
-            request.method,
-            request.headers,
-            req_cc,
-            response.status,
-            response.headers,
-            cache_control(response.headers),
-            self._config,
+            request.method, request.headers, req_cc, response.status, response.headers, res_cc, self._config
         )
+        if why is None and never_usable(
+            response.status, response.headers, res_cc, response_time, self._config
+        ):
+            why = "stale"  # nothing would ever use it: no freshness, no stale window, no validator
         if (
             why is None
             and response.body.length is not None

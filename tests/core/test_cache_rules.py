@@ -19,6 +19,7 @@ from resilient_ambassador.core.cache_rules import (
     freshness,
     initial_age,
     merge_not_modified,
+    never_usable,
     not_modified,
     not_stored_reason,
     request_bypass_reason,
@@ -292,3 +293,37 @@ def test_cache_status_values() -> None:
 
 def test_parse_helper_used_by_requests() -> None:
     assert parse_cache_control([b"no-cache"]).has("no-cache")
+
+
+@pytest.mark.parametrize(
+    ("headers", "route", "never"),
+    [
+        ([], ON, True),  # no freshness, no stale window, no validator: the usual API answer
+        ([(b"cache-control", b"max-age=60")], ON, False),
+        ([(b"etag", b'"v1"')], ON, False),  # kept to revalidate with
+        ([(b"last-modified", b"Mon, 23 Nov 2026 10:00:00 GMT")], ON, False),
+        ([(b"cache-control", b"stale-if-error=60")], ON, False),
+        ([(b"cache-control", b"must-revalidate, stale-if-error=60")], ON, True),  # no stale use
+        ([], dataclasses.replace(ON, default_ttl_s=30.0), False),
+        ([], dataclasses.replace(ON, stale_if_error_s=30.0), False),
+    ],
+)
+def test_never_usable_agrees_with_the_entry_it_would_build(
+    headers: Headers, route: RouteCacheConfig, never: bool
+) -> None:
+    now = 1000.0
+    assert never_usable(200, headers, cache_control(headers), now, route) is never
+    entry = build_entry(
+        key="k",
+        url_key="u",
+        target=b"/",
+        request_headers=[],
+        status=200,
+        reason=b"OK",
+        headers=headers,
+        body=b"",
+        request_time=now,
+        response_time=now,
+        config=route,
+    )
+    assert (entry.storage_ttl_s(now) <= 0) is never
