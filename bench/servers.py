@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import IO, final
 
@@ -48,7 +48,9 @@ def _clock_ticks_per_s() -> int:
 class ServerProcess:
     """One server subprocess listening on 127.0.0.1:port."""
 
-    def __init__(self, name: str, argv: Sequence[str], port: int) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], port: int, env: Mapping[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.port = port
@@ -61,6 +63,7 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
             start_new_session=True,
+            env=None if env is None else dict(env),
         )
 
     @property
@@ -153,12 +156,13 @@ def start_server(
     argv_for_port: Callable[[int], Sequence[str]],
     timeout_s: float = READY_TIMEOUT_S,
     cpus: Collection[int] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> ServerProcess:
     """Start a server on a free port and wait until it accepts connections; with `cpus`, the
-    server runs on those CPUs only (Linux; see `can_pin`)."""
+    server runs on those CPUs only (Linux; see `can_pin`); `env` replaces the environment."""
     for attempt in range(PORT_ATTEMPTS):
         port = free_port()
-        server = ServerProcess(name, argv_for_port(port), port)
+        server = ServerProcess(name, argv_for_port(port), port, env)
         try:
             if cpus is not None:
                 server.pin(cpus)  # before the interpreter has started any thread of its own
