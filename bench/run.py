@@ -599,10 +599,10 @@ class Bench:
         cpu: dict[str, float | None] = {}
 
         def start() -> None:
-            cpu["start"] = server.cpu_s()
+            cpu["start"] = server.tree_cpu_s()
 
         def stop() -> None:
-            cpu["stop"] = server.cpu_s()
+            cpu["stop"] = server.tree_cpu_s()
             run.rss_kib = server.rss_kib()
 
         try:
