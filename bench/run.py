@@ -351,7 +351,10 @@ def closed_rps(r: Run) -> float | None:
 
 def open_pct(key: str) -> Callable[[Run], float | None]:
     def get(r: Run) -> float | None:
-        return r.open.percentiles_ms.get(key) if r.open is not None and not r.open.saturated else None
+        # A saturated run counts too: its percentiles are lower bounds (the unsent requests are
+        # recorded with the time they had waited when the window closed), so a target it
+        # misses is missed, not unmeasured.
+        return r.open.percentiles_ms.get(key) if r.open is not None else None
 
     return get
 
@@ -373,6 +376,7 @@ class Bench:
         self._ca_file: Path | None = None
         self.redis_prefix = f"bench-{uuid.uuid4().hex[:12]}:"
         self.redis_used = False
+        self.dead_upstreams: list[dict[str, Any]] = []
 
     # -- shared upstreams ------------------------------------------------------------------
 
@@ -382,8 +386,17 @@ class Bench:
         return BENCH_DIR / "canned_upstream.py"
 
     def upstream(self, which: str) -> ServerProcess:
-        if which in self._upstreams:
-            return self._upstreams[which]
+        existing = self._upstreams.get(which)
+        if existing is not None and existing.alive():
+            return existing
+        if existing is not None:  # died: recorded (the run it died in failed), then replaced
+            self.dead_upstreams.append(
+                {
+                    "upstream": which,
+                    "exit_code": existing.stop(),
+                    "stderr_tail": existing.stderr_text().splitlines()[-20:],
+                }
+            )
         if which == "tls":
             cert, key = self._tls_files()
             program = str(BENCH_DIR / "canned_upstream.py")  # the asyncio one speaks TLS
@@ -618,6 +631,9 @@ class Bench:
             run.cpu_s = None if before is None or after is None else round(after - before, 3)
         if not server.alive():
             run.status, run.reason = "failed", f"{server.name} died under load"
+        for which, upstream in self._upstreams.items():
+            if upstream is not server and not upstream.alive():
+                run.status, run.reason = "failed", f"upstream {which} died: {upstream.stderr_text()[-300:]}"
 
     # -- resources ----------------------------------------------------------------------
 
@@ -1048,6 +1064,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.target is None:
         doc["targets"] = evaluate_targets(target_values(runs, resources))
     doc["warnings"] = warnings_for(runs, meta) + notes
+    doc["dead_upstreams"] = bench.dead_upstreams
 
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
