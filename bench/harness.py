@@ -184,6 +184,12 @@ def render_text(doc: Mapping[str, Any]) -> str:
         lines.append(
             f"(open p50/p99/p99.9: ms at a constant {rate:g} req/s, from each request's intended send time)"
         )
+    headroom = {k: v for k, v in (doc.get("generator_headroom") or {}).items() if v is not None}
+    if headroom:
+        lines.append(
+            "generator headroom (same generator, bare upstream / daemon; want >= "
+            f"{GENERATOR_HEADROOM:g}x): " + ", ".join(f"{k} {v:.1f}x" for k, v in headroom.items())
+        )
     resources = doc.get("resources") or {}
     if resources:
         lines.append("")
@@ -222,6 +228,13 @@ def render_markdown(doc: Mapping[str, Any]) -> str:
     lines.append("| " + " | ".join(rows[0]) + " |")
     lines.append("|" + "|".join("---" for _ in rows[0]) + "|")
     lines.extend("| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows[1:])
+    headroom = {k: v for k, v in (doc.get("generator_headroom") or {}).items() if v is not None}
+    if headroom:
+        lines += [
+            "",
+            f"Generator headroom (want >= {GENERATOR_HEADROOM:g}x): "
+            + ", ".join(f"{k} {v:.1f}x" for k, v in headroom.items()),
+        ]
     resources = doc.get("resources") or {}
     if resources:
         lines += ["", "| resource | figures |", "|---|---|"]

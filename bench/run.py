@@ -921,11 +921,24 @@ def target_values(runs: Sequence[Run], resources: dict[str, Any]) -> dict[str, f
     return values
 
 
+HEADROOM_PAIRS = (("direct", "daemon-1k"), ("direct-64k", "daemon-64k"))
+
+
+def generator_headroom(runs: Sequence[Run]) -> dict[str, float | None]:
+    """How far above the daemon the same generator drove the bare upstream (per-round median):
+    the proof that the generator is not what limits the daemon's figures."""
+    return {
+        f"{direct}/{daemon}": finite(
+            per_round_ratio(per_round(runs, direct, closed_rps), per_round(runs, daemon, closed_rps)), 2
+        )
+        for direct, daemon in HEADROOM_PAIRS
+    }
+
+
 def warnings_for(runs: Sequence[Run], meta: dict[str, Any]) -> list[str]:
     warnings = []
-    for direct, daemon in (("direct", "daemon-1k"), ("direct-64k", "daemon-64k")):
-        headroom = per_round_ratio(per_round(runs, direct, closed_rps), per_round(runs, daemon, closed_rps))
-        if math.isfinite(headroom) and headroom < GENERATOR_HEADROOM:
+    for (direct, daemon), headroom in zip(HEADROOM_PAIRS, generator_headroom(runs).values(), strict=True):
+        if headroom is not None and headroom < GENERATOR_HEADROOM:
             warnings.append(
                 f"{direct} is only {headroom:.1f}x {daemon} (want >= {GENERATOR_HEADROOM:g}x): the load "
                 "generator or the machine may be what limits the daemon's figures"
@@ -1065,6 +1078,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc["targets"] = evaluate_targets(target_values(runs, resources))
     doc["warnings"] = warnings_for(runs, meta) + notes
     doc["dead_upstreams"] = bench.dead_upstreams
+    doc["generator_headroom"] = generator_headroom(runs)
 
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,7 @@ def _document() -> dict[str, Any]:
         "resources": {"idle-rss": {"rss_mib": 44.9, "after": "start-up"}},
         "targets": evaluate_targets({"passthrough_vs_reference": 0.2}),
         "warnings": ["the machine was busy"],
+        "generator_headroom": {"direct/daemon-1k": 8.04, "direct-64k/daemon-64k": None},
     }
 
 
@@ -116,6 +117,7 @@ def test_markdown_has_the_table_resources_targets_and_warnings() -> None:
     assert "| idle-rss | rss_mib 44.9, after start-up |" in lines
     assert "| daemon pass-through / reference forwarder (req/s) | 0.20x | >= 1.20x | **NOT met** |" in lines
     assert "- warning: the machine was busy" in lines
+    assert "Generator headroom (want >= 3x): direct/daemon-1k 8.0x" in lines
 
 
 def test_text_rendering_lines_up_the_table_and_prints_each_verdict() -> None:
