@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -418,7 +419,7 @@ class Bench:
         try:
             import trustme
         except ImportError:
-            raise Skip("trustme is not installed (pip install -e '.[test]')") from None
+            raise Skip("trustme is not installed (pip install -e '.[bench]')") from None
         ca = trustme.CA()
         cert = ca.issue_cert(LOOPBACK, "localhost")
         self._ca_file = self.scratch / "ca.pem"
@@ -459,6 +460,8 @@ class Bench:
         if name in ("reference-forwarder", "dict-server"):
             if self.reference is None:
                 raise Skip("bench-reference/ not found (give --reference-dir)")
+            if importlib.util.find_spec("h11") is None:
+                raise Skip("the bench-reference programs need h11 (pip install -e '.[bench]')")
             if name == "dict-server":
                 program = str(self.reference / "dict_server.py")
                 argv = with_port([sys.executable, program, "--listen", PORT, "--size", str(SMALL_BYTES)])
