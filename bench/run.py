@@ -910,6 +910,24 @@ def git_describe() -> str | None:
     return head + ("-dirty" if dirty else "")
 
 
+def per_cpu_values(runs: Sequence[Run]) -> dict[str, float | None]:
+    """The throughput ratios in requests per CPU-second (see `evaluate_targets`); not for
+    --workers, whose point is using more CPU."""
+
+    def per_cpu_s(r: Run) -> float | None:
+        cpu_us = r.cpu_us_per_request()
+        return 1e6 / cpu_us if math.isfinite(cpu_us) and cpu_us > 0 else None
+
+    def ratio(mine: str, theirs: str) -> float:
+        return per_round_ratio(per_round(runs, mine, per_cpu_s), per_round(runs, theirs, per_cpu_s))
+
+    return {
+        "passthrough_vs_reference": ratio("daemon-1k", "reference-forwarder"),
+        "cache_memory_vs_dict_server": ratio("cache-memory", "dict-server"),
+        "cache_redis_vs_memory": ratio("cache-redis", "cache-memory"),
+    }
+
+
 def target_values(runs: Sequence[Run], resources: dict[str, Any]) -> dict[str, float | None]:
     """The figure each target is judged on, from this run's measurements."""
 
@@ -1092,7 +1110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     doc: dict[str, Any] = {"meta": meta, "scenarios": scenarios, "resources": resources}
     if args.target is None:
-        doc["targets"] = evaluate_targets(target_values(runs, resources))
+        doc["targets"] = evaluate_targets(target_values(runs, resources), per_cpu_values(runs))
     doc["warnings"] = warnings_for(runs, meta) + notes
     doc["dead_upstreams"] = bench.dead_upstreams
     doc["generator_headroom"] = generator_headroom(runs)

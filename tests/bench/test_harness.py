@@ -100,7 +100,7 @@ def _document() -> dict[str, Any]:
             },
         ],
         "resources": {"idle-rss": {"rss_mib": 44.9, "after": "start-up"}},
-        "targets": evaluate_targets({"passthrough_vs_reference": 0.2}),
+        "targets": evaluate_targets({"passthrough_vs_reference": 0.2}, {"passthrough_vs_reference": 0.25}),
         "warnings": ["the machine was busy"],
         "generator_headroom": {"direct/daemon-1k": 8.04, "direct-64k/daemon-64k": None},
     }
@@ -115,7 +115,11 @@ def test_markdown_has_the_table_resources_targets_and_warnings() -> None:
     # A cell never breaks the table: a pipe in a reason is replaced.
     assert "| nginx | 0/1 | - | - | - | - | - | - | - | - | skipped: not / installed |" in lines
     assert "| idle-rss | rss_mib 44.9, after start-up |" in lines
-    assert "| daemon pass-through / reference forwarder (req/s) | 0.20x | >= 1.20x | **NOT met** |" in lines
+    assert (
+        "| daemon pass-through / reference forwarder (req/s) | 0.20x | >= 1.20x | **NOT met** | 0.25x |"
+        in lines
+    )
+    assert "| idle RSS of the daemon | - | <= 60.0 MiB | not measured | - |" in lines
     assert "- warning: the machine was busy" in lines
     assert "Generator headroom (want >= 3x): direct/daemon-1k 8.0x" in lines
 
@@ -126,6 +130,7 @@ def test_text_rendering_lines_up_the_table_and_prints_each_verdict() -> None:
     assert table[0].startswith("scenario")
     assert table[0].index("req/s") + len("req/s") == table[1].index("9200") + len("9200")
     assert "target >= 1.20x" in text
+    assert "NOT met  (per CPU-s 0.25x)" in text
     assert "NOT met" in text
     assert "not measured" in text
 
