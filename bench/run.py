@@ -1007,20 +1007,28 @@ def write_plot(doc: dict[str, Any], path: Path) -> str | None:
     if not rows:
         return None
     names = [s["name"] for s in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.45 * len(rows) + 1.8), sharey=True)
+    percentiles = (("open_p50_ms", "p50"), ("open_p99_ms", "p99"), ("open_p99_9_ms", "p99.9"))
+    has_open = any(s.get(key) for s in rows for key, _label in percentiles)
+    fig, axes = plt.subplots(
+        1, 2 if has_open else 1, figsize=(13 if has_open else 7, 0.45 * len(rows) + 1.8), squeeze=False
+    )
+    left = axes[0][0]
     ys = list(range(len(rows)))
     left.barh(ys, [s["requests_per_s"] for s in rows], color="tab:blue")
     left.set_yticks(ys, names)
     left.invert_yaxis()
     left.set_xlabel("closed loop, req/s (median)")
-    for offset, (key, label) in enumerate(
-        (("open_p50_ms", "p50"), ("open_p99_ms", "p99"), ("open_p99_9_ms", "p99.9"))
-    ):
-        values = [s.get(key) or 0.0 for s in rows]
-        right.barh([y + (offset - 1) * 0.27 for y in ys], values, height=0.27, label=label)
-    right.set_xscale("log")
-    right.set_xlabel(f"open loop at {doc['meta'].get('rate_per_s')} req/s, latency ms")
-    right.legend(loc="lower right")
+    if has_open:
+        right = axes[0][1]
+        right.sharey(left)
+        for offset, (key, label) in enumerate(percentiles):
+            # NaN, not 0, for a scenario without the figure: no bar, and the log scale holds.
+            values = [s.get(key) or math.nan for s in rows]
+            right.barh([y + (offset - 1) * 0.27 for y in ys], values, height=0.27, label=label)
+        right.set_xscale("log")
+        right.set_xlabel(f"open loop at {doc['meta'].get('rate_per_s')} req/s, latency ms")
+        right.legend(loc="lower right")
+        right.tick_params(labelleft=False)
     fig.suptitle(f"resilient-ambassador bench {doc['meta']['timestamp']} ({doc['meta']['cpu_count']} CPUs)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
