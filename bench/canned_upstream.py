@@ -4,7 +4,9 @@ For every request head it sees (bodiless requests only: it never parses a body) 
 canned 200 response with a `content-length` body of --size bytes. There is no HTTP parser, so
 the upstream is never the bottleneck and never the thing being measured. Not a real server.
 
-Usage: canned_upstream.py --listen PORT [--host 127.0.0.1] [--size 1024]
+With --certfile and --keyfile it speaks TLS (the harness's TLS-upstream scenario).
+
+Usage: canned_upstream.py --listen PORT [--host 127.0.0.1] [--size 1024] [--certfile C --keyfile K]
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import ssl
 from typing import final
 
 HEAD_END = b"\r\n\r\n"
@@ -62,10 +65,10 @@ class CannedProtocol(asyncio.Protocol):
             self._transport.close()
 
 
-async def serve(host: str, port: int, size_bytes: int) -> None:
+async def serve(host: str, port: int, size_bytes: int, tls: ssl.SSLContext | None = None) -> None:
     response = make_response(size_bytes)
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: CannedProtocol(response), host, port, backlog=4096)
+    server = await loop.create_server(lambda: CannedProtocol(response), host, port, backlog=4096, ssl=tls)
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     async with server:
@@ -77,9 +80,17 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--listen", type=int, required=True, metavar="PORT")
     parser.add_argument("--size", type=int, default=1024, help="body size in bytes (default 1024)")
+    parser.add_argument("--certfile", help="PEM certificate chain: serve TLS (with --keyfile)")
+    parser.add_argument("--keyfile", help="PEM private key of --certfile")
     args = parser.parse_args()
+    tls = None
+    if args.certfile or args.keyfile:
+        if not (args.certfile and args.keyfile):
+            parser.error("--certfile and --keyfile go together")
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.certfile, args.keyfile)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(args.host, args.listen, args.size))
+        asyncio.run(serve(args.host, args.listen, args.size, tls))
 
 
 if __name__ == "__main__":

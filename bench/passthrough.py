@@ -49,6 +49,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, final
 
+from harness import run_order
 from loadgen import GeneratorName, LoadError, LoadResult, LoadSpec, run_load, wrk_path
 from servers import LOOPBACK, ServerFailed, ServerProcess, can_pin, start_server
 
@@ -803,17 +804,6 @@ def render_policy_cost(doc: dict[str, Any]) -> str:
             f"use {DEFAULT_CONCURRENT_ROUNDS} or more before trusting a difference of a few percent)"
         )
     return "\n".join(lines)
-
-
-def run_order(scenarios: Sequence[str], repeat: int) -> list[tuple[int, str]]:
-    """(round, scenario) in running order: odd rounds forward, even rounds reversed, so
-    neighbours in the list (daemon, daemon-bare) alternate which goes first, and drift over
-    the run (a warming cache, a neighbour starting up) hits both alike."""
-    order: list[tuple[int, str]] = []
-    for round_no in range(1, repeat + 1):
-        names = scenarios if round_no % 2 else list(reversed(scenarios))
-        order.extend((round_no, name) for name in names)
-    return order
 
 
 def _git_describe() -> str | None:

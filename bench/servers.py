@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import IO, final
 
@@ -44,11 +44,45 @@ def _clock_ticks_per_s() -> int:
         return 100
 
 
+def _process_cpu_s(pid: int) -> float | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _clock_ticks_per_s()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live descendants of `pid`, from the parent pids in /proc (Linux; [] elsewhere)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(parent, []).append(int(entry))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
 @final
 class ServerProcess:
     """One server subprocess listening on 127.0.0.1:port."""
 
-    def __init__(self, name: str, argv: Sequence[str], port: int) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], port: int, env: Mapping[str, str] | None = None
+    ) -> None:
         self.name = name
         self.argv = list(argv)
         self.port = port
@@ -61,6 +95,7 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
             start_new_session=True,
+            env=None if env is None else dict(env),
         )
 
     @property
@@ -87,13 +122,17 @@ class ServerProcess:
 
     def cpu_s(self) -> float | None:
         """User + system CPU seconds used so far (Linux /proc only; None elsewhere)."""
-        try:
-            stat = Path(f"/proc/{self._proc.pid}/stat").read_text()
-        except OSError:
-            return None
-        # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / _clock_ticks_per_s()
+        return _process_cpu_s(self._proc.pid)
+
+    def tree_cpu_s(self) -> float | None:
+        """CPU seconds of the process and its live descendants (a supervisor's workers)."""
+        total = 0.0
+        for pid in [self._proc.pid, *_descendants(self._proc.pid)]:
+            used = _process_cpu_s(pid)
+            if used is None and pid == self._proc.pid:
+                return None
+            total += used or 0.0
+        return total
 
     def rss_kib(self) -> int | None:
         """Resident set size in KiB (Linux /proc only; None elsewhere)."""
@@ -153,12 +192,13 @@ def start_server(
     argv_for_port: Callable[[int], Sequence[str]],
     timeout_s: float = READY_TIMEOUT_S,
     cpus: Collection[int] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> ServerProcess:
     """Start a server on a free port and wait until it accepts connections; with `cpus`, the
-    server runs on those CPUs only (Linux; see `can_pin`)."""
+    server runs on those CPUs only (Linux; see `can_pin`); `env` replaces the environment."""
     for attempt in range(PORT_ATTEMPTS):
         port = free_port()
-        server = ServerProcess(name, argv_for_port(port), port)
+        server = ServerProcess(name, argv_for_port(port), port, env)
         try:
             if cpus is not None:
                 server.pin(cpus)  # before the interpreter has started any thread of its own
