@@ -200,6 +200,16 @@ def render_text(doc: Mapping[str, Any]) -> str:
             "generator headroom (same generator, bare upstream / daemon; want >= "
             f"{GENERATOR_HEADROOM:g}x): " + ", ".join(f"{k} {v:.1f}x" for k, v in headroom.items())
         )
+    redis_calls = {
+        s["name"]: s["redis_calls_per_request"]
+        for s in doc.get("scenarios", [])
+        if s.get("redis_calls_per_request") is not None
+    }
+    if redis_calls:
+        lines.append(
+            "Redis round trips per request (the daemon's /stats over the closed-loop window): "
+            + ", ".join(f"{name} {calls:.3f}" for name, calls in redis_calls.items())
+        )
     resources = doc.get("resources") or {}
     if resources:
         lines.append("")

@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import datetime
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +107,11 @@ SCENARIOS = (
         unique_paths=False,
     ),
     Scenario("ratelimit", "http", "-> daemon-1k + --rate-limit 1000000/s (memory; admits everything)"),
+    Scenario(
+        "ratelimit-redis",
+        "http",
+        "-> daemon-1k + a 1000000/s limit shared in Redis (127.0.0.1:6379, own key prefix)",
+    ),
     Scenario(
         "breaker-open",
         "http",
@@ -250,10 +257,16 @@ class Run:
     closed: LoadResult | None = None
     open: LoadResult | None = None
     cpu_s: float | None = None  # the loaded process, over the closed-loop window
+    redis_calls: int | None = None  # the daemon's Redis round trips (/stats), same window
     rss_kib: int | None = None
     exit_code: int | None = None
     stderr: str = ""
     notes: list[str] = field(default_factory=list)
+
+    def redis_calls_per_request(self) -> float:
+        if self.redis_calls is None or self.closed is None or not self.closed.requests:
+            return math.nan
+        return self.redis_calls / self.closed.requests
 
     def cpu_us_per_request(self) -> float:
         if self.cpu_s is None or self.closed is None or not self.closed.requests:
@@ -270,6 +283,7 @@ class Run:
         doc.update(
             cpu_s=self.cpu_s,
             cpu_us_per_request=finite(self.cpu_us_per_request()),
+            redis_calls_per_request=finite(self.redis_calls_per_request()),
             rss_kib=self.rss_kib,
             exit_code=self.exit_code,
             stderr_tail=self.stderr.splitlines()[-STDERR_TAIL_LINES:],
@@ -326,6 +340,7 @@ def summarise(name: str, runs: Sequence[Run]) -> dict[str, Any]:
         "errors": sum(r.closed.error_count for r in runs if r.closed is not None)
         + sum(r.open.error_count for r in runs if r.open is not None),
         "cpu_us_per_request": finite(median([r.cpu_us_per_request() for r in measured]), 1),
+        "redis_calls_per_request": finite(median([r.redis_calls_per_request() for r in measured]), 3),
         "rss_kib": int(median([r.rss_kib for r in measured])) if any(r.rss_kib for r in measured) else None,
         "open_p50_ms": finite(median([o.percentiles_ms.get("p50") for o in opened])),
         "open_p99_ms": finite(median([o.percentiles_ms.get("p99") for o in opened])),
@@ -484,7 +499,9 @@ class Bench:
         elif name == "cache-memory":
             argv = self.daemon_argv(up_url, "--cache-ttl", "1h")
         elif name == "cache-redis":
-            argv = self._redis_cache_argv(up_url)
+            argv = self._redis_argv(up_url, REDIS_CACHE_CONF, "--cache-ttl", "1h")
+        elif name == "ratelimit-redis":
+            argv = self._redis_argv(up_url, REDIS_RATELIMIT_CONF, *PASSTHROUGH_FLAGS)
         elif name == "ratelimit":
             argv = self.daemon_argv(up_url, *PASSTHROUGH_FLAGS, "--rate-limit", "1000000/s")
         elif name == "breaker-open":
@@ -521,7 +538,7 @@ class Bench:
 
         return argv
 
-    def _redis_cache_argv(self, upstream_url: str) -> Callable[[int], list[str]]:
+    def _redis_argv(self, upstream_url: str, conf: str, *flags: str) -> Callable[[int], list[str]]:
         host, port = redis_address(self.args.redis_url)
         try:
             with socket.create_connection((host, port), timeout=1.0) as sock:
@@ -530,15 +547,12 @@ class Bench:
                     raise OSError("no PONG")
         except OSError as exc:
             raise Skip(f"no Redis at {host}:{port} ({exc}); give --redis-url") from None
-        config = self.scratch / "cache-redis.yaml"
+        config = self.scratch / f"redis-{len(list(self.scratch.glob('redis-*.yaml')))}.yaml"
         config.write_text(
-            REDIS_CACHE_CONF.format(
-                upstream=upstream_url, redis_url=self.args.redis_url, prefix=self.redis_prefix
-            )
+            conf.format(upstream=upstream_url, redis_url=self.args.redis_url, prefix=self.redis_prefix)
         )
         self.redis_used = True
-        base = self.daemon_argv(upstream_url, "--config", str(config), "--cache-ttl", "1h")
-        return base
+        return self.daemon_argv(upstream_url, "--config", str(config), *flags)
 
     def cleanup_redis(self) -> str | None:
         """Delete this run's keys (the unique prefix) from the shared Redis, with redis-cli."""
@@ -620,12 +634,16 @@ class Bench:
 
     def measure(self, run: Run, spec: LoadSpec, server: ServerProcess) -> None:
         cpu: dict[str, float | None] = {}
+        redis: dict[str, int | None] = {}
+        admin = admin_address(server.argv)
 
         def start() -> None:
             cpu["start"] = server.tree_cpu_s()
+            redis["start"] = redis_calls(admin)
 
         def stop() -> None:
             cpu["stop"] = server.tree_cpu_s()
+            redis["stop"] = redis_calls(admin)
             run.rss_kib = server.rss_kib()
 
         try:
@@ -639,6 +657,9 @@ class Bench:
             run.closed = result
             before, after = cpu.get("start"), cpu.get("stop")
             run.cpu_s = None if before is None or after is None else round(after - before, 3)
+            calls_before, calls_after = redis.get("start"), redis.get("stop")
+            if calls_before is not None and calls_after is not None:
+                run.redis_calls = calls_after - calls_before
         if not server.alive():
             run.status, run.reason = "failed", f"{server.name} died under load"
         for which, upstream in self._upstreams.items():
@@ -796,6 +817,43 @@ redis:
 cache:
   backend: redis
 """
+REDIS_RATELIMIT_CONF = """\
+listeners:
+  - listen: 127.0.0.1:1
+    routes:
+      - upstream: canned
+        rate_limit:
+          rate: 1000000/s
+          backend: redis
+upstreams:
+  canned:
+    url: "{upstream}"
+redis:
+  url: "{redis_url}"
+  key_prefix: "{prefix}"
+"""
+
+
+def admin_address(argv: Sequence[str]) -> str | None:
+    """The daemon's admin listener from its command line (None: not a daemon)."""
+    for flag, value in itertools.pairwise(argv):
+        if flag == "--admin":
+            return value
+    return None
+
+
+def redis_calls(admin: str | None) -> int | None:
+    """The daemon's Redis calls so far, from /stats (None without an admin listener or Redis).
+    With --workers this is one worker's count (whichever answers): read it for one worker."""
+    if admin is None:
+        return None
+    try:
+        with urllib.request.urlopen(f"http://{admin}/stats", timeout=2.0) as reply:
+            stats = json.load(reply)
+    except (OSError, ValueError):
+        return None
+    calls = (stats.get("redis") or {}).get("calls")
+    return calls if isinstance(calls, int) else None
 
 
 def unexpected_stderr(name: str, stderr: str) -> list[str]:
