@@ -866,6 +866,7 @@ class App:
             if redis_buckets is not None:
                 stats.backend_fallbacks = redis_buckets.fallbacks
                 stats.backend_round_trips = redis_buckets.round_trips
+                stats.backend_script_runs = redis_buckets.script_runs
                 stats.backend_leased = redis_buckets.leased
             doc: dict[str, Json] = dict(asdict(stats))
             doc["queue_wait_s"] = round(stats.queue_wait_s, 6)

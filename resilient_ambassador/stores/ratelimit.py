@@ -192,6 +192,7 @@ class RedisBuckets:
         self._script = LuaScript(GCRA_LUA)
         self.fallbacks = 0  # decisions made without Redis
         self.round_trips = 0  # batches sent (decisions / round_trips = mean batch size)
+        self.script_runs = 0  # scripts sent to Redis (its work: one per decision, or per lease)
         self.leased = 0  # decisions answered from a lease held here, without Redis
         self._lease = lease
         self._clock = clock
@@ -285,6 +286,7 @@ class RedisBuckets:
             with trio.CancelScope(shield=True):
                 replies = await self._runner.call(self._pipeline([(i.key, i.args) for i in batch]))
             self.round_trips += 1
+            self.script_runs += len(batch)
             for item, reply in zip(batch, replies, strict=True):
                 if isinstance(reply, Exception):
                     item.error = StoreUnavailable(f"redis refused the script: {reply}")
