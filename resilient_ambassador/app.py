@@ -349,6 +349,7 @@ class App:
                     on_failure=limit.on_backend_failure,
                     local_share=1.0 / (limit.expected_replicas * workers),
                     fallback=self._memory_buckets,
+                    lease=limit.lease,
                 )
                 self._redis_buckets[route.name] = redis_buckets
                 buckets = redis_buckets
@@ -865,6 +866,8 @@ class App:
             if redis_buckets is not None:
                 stats.backend_fallbacks = redis_buckets.fallbacks
                 stats.backend_round_trips = redis_buckets.round_trips
+                stats.backend_script_runs = redis_buckets.script_runs
+                stats.backend_leased = redis_buckets.leased
             doc: dict[str, Json] = dict(asdict(stats))
             doc["queue_wait_s"] = round(stats.queue_wait_s, 6)
             routes[name] = doc

@@ -445,6 +445,7 @@ _RATE_LIMIT: _Schema = {
     "backend": ("backend", lambda at: at.choice("memory", "redis")),
     "on_backend_failure": ("on_backend_failure", lambda at: at.choice("local", "allow", "deny")),
     "expected_replicas": ("expected_replicas", _At.count),
+    "lease": ("lease", _At.whole_number),
 }
 _QUOTA: _Schema = {
     "enabled": ("enabled", _At.boolean),
@@ -476,7 +477,14 @@ def _rate_limit(at: _At) -> RateLimitConfig:
             fields["key"] = key
         else:
             raise key_at.error("expected one of: route, upstream, client_ip, header:NAME, credential")
-    return RateLimitConfig(count, period_s, **fields)
+    config = RateLimitConfig(count, period_s, **fields)
+    lease_at = found.get("lease")
+    if lease_at is not None and config.lease > 0:
+        if config.backend != "redis" or config.mode != "reject":
+            raise lease_at.error("a lease needs backend: redis and mode: reject")
+        if config.lease > config.burst:
+            raise lease_at.error(f"a lease of {config.lease} is more than the burst ({config.burst})")
+    return config
 
 
 def _quota(at: _At) -> QuotaConfig:

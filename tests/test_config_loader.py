@@ -1389,6 +1389,7 @@ def test_rate_limit_and_quota_sections_map_to_the_model() -> None:
                   on_backend_failure: deny
                   expected_replicas: 4
               - {name: plain, upstream: api, rate_limit: {rate: 100/h}}
+              - {name: leased, upstream: api, rate_limit: {rate: 100/s, backend: redis, lease: 10}}
         upstreams:
           api:
             url: http://127.0.0.1:9000
@@ -1397,7 +1398,7 @@ def test_rate_limit_and_quota_sections_map_to_the_model() -> None:
         redis: {url: "redis://127.0.0.1:6379/0"}
         """
     )
-    search, plain = config.listeners[0].routes
+    search, plain, leased = config.listeners[0].routes
     assert search.rate_limit == RateLimitConfig(
         count=600,
         period_s=60.0,
@@ -1412,6 +1413,7 @@ def test_rate_limit_and_quota_sections_map_to_the_model() -> None:
         expected_replicas=4,
     )
     assert plain.rate_limit == RateLimitConfig(count=100, period_s=3600.0, burst=1)
+    assert leased.rate_limit == RateLimitConfig(count=100, period_s=1.0, burst=100, backend="redis", lease=10)
     assert config.upstreams["api"].quota == QuotaConfig(
         enabled=True, mode="reject", max_wait_s=1.0, pace_below=0.2, shared="redis"
     )
@@ -1432,6 +1434,16 @@ def test_rate_limit_and_quota_sections_map_to_the_model() -> None:
         ("{rate: 10/s, key: 'header:X Y'}", "rate_limit.key: 'X Y' is not a valid header name"),
         ("{rate: 10/s, mode: wait}", "rate_limit.mode: expected one of: reject, queue"),
         ("{rate: 10/s, backend: redis}", "rate_limit: backend is redis but the config has no redis.url"),
+        ("{rate: 10/s, lease: 5}", "rate_limit.lease: a lease needs backend: redis and mode: reject"),
+        (
+            "{rate: 10/s, backend: redis, mode: queue, lease: 5}",
+            "rate_limit.lease: a lease needs backend: redis and mode: reject",
+        ),
+        (
+            "{rate: 10/s, backend: redis, lease: 11}",
+            "rate_limit.lease: a lease of 11 is more than the burst (10)",
+        ),
+        ("{rate: 10/s, backend: redis, lease: -1}", "rate_limit.lease: expected a whole number"),
     ],
 )
 def test_rate_limit_errors(rate_limit: str, message: str) -> None:

@@ -180,6 +180,9 @@ class RateLimitConfig:
     # expected_replicas), allow (fail open), deny (fail closed, 429).
     on_backend_failure: Literal["local", "allow", "deny"] = "local"
     expected_replicas: int = 1
+    # Tokens a process takes from a Redis bucket per round trip (0: one per decision). Only
+    # with backend redis and mode reject; at most the burst (docs/configuration.md).
+    lease: int = 0
 
 
 @final

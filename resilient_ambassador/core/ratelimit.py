@@ -10,6 +10,11 @@ A request may also *reserve* a later slot (queue mode): if the slot is at most `
 away, the TAT is advanced now and the caller waits until its slot. Reservations are handed out
 in call order, so waiters are served first come, first served.
 
+A process may also *lease* tokens (`Leased`): take several from a shared bucket in one step
+and admit locally while it holds them. A leased token keeps the slot it was charged for and is
+given up once that slot is due (the time a request on the non-leasing path would have taken it),
+so leasing never admits more in a window than the bucket would have.
+
 Everything here is pure: the clock is an argument.
 """
 
@@ -92,6 +97,46 @@ def gcra(tat: float, now: float, limit: Limit, max_wait_s: float = 0.0) -> tuple
     if wait_s > max_wait_s + EPSILON_S:
         return decision_from(False, wait_s, tat - now, limit), tat
     return decision_from(True, wait_s, new_tat - now, limit), new_tat
+
+
+@final
+@dataclass(slots=True)
+class Leased:
+    """Tokens this process holds for one shared bucket: `count` tokens, the first usable until
+    `first_until` and each next one `interval_s` later (their slots in the bucket are
+    consecutive). A token is given up when its slot is due: a token charged for a slot `s` may
+    be used until `s - interval`, which is exactly when a request without a lease could have
+    been admitted for that slot, so every admission still has a slot in
+    `[now + interval, now + burst*interval]` and the GCRA window bound holds unchanged."""
+
+    first_until: float
+    count: int
+    interval_s: float
+
+    def take(self, now: float) -> bool:
+        """Use the earliest token still usable at `now` (dropping the expired ones before it);
+        False when none is left."""
+        skip = max(0, math.ceil((now - EPSILON_S - self.first_until) / self.interval_s))
+        if skip >= self.count:
+            self.count = 0
+            return False
+        self.first_until += (skip + 1) * self.interval_s
+        self.count -= skip + 1
+        return True
+
+    def usable(self, now: float) -> int:
+        """Tokens still usable at `now`."""
+        skip = max(0, math.ceil((now - EPSILON_S - self.first_until) / self.interval_s))
+        return max(0, self.count - skip)
+
+
+def leased_after(granted: int, ahead_s: float, limit: Limit, sent_at: float) -> Leased:
+    """What remains of a lease of `granted` tokens after the caller used the first, from the
+    script's `ahead_s` (bucket TAT minus Redis time after the grant). `sent_at` is our clock
+    when the call went out: Redis ran it later, so the expiries come out early, never late."""
+    interval = limit.interval_s
+    base_s = ahead_s - granted * interval  # where the first granted slot started, from now
+    return Leased(sent_at + base_s + interval, max(0, granted - 1), interval)
 
 
 # -- descriptors --------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ class RateLimitStats:
     waiting: int = 0  # waiting right now
     backend_fallbacks: int = 0  # decisions made without the shared backend (filled in by the app)
     backend_round_trips: int = 0  # Redis round trips (decisions are coalesced; filled in by the app)
+    backend_script_runs: int = 0  # GCRA scripts Redis ran for this route (by the app)
+    backend_leased: int = 0  # decisions answered from leased tokens, without Redis (by the app)
 
 
 def limit_of(config: RateLimitConfig) -> Limit:

@@ -14,6 +14,13 @@ own small breaker). Decisions that arrive while one is in flight are coalesced: 
 sends all of them in one pipeline, so a busy daemon pays one thread hop and one round trip per
 batch, not per request (each decision is still its own atomic script run).
 
+With `lease` N (reject mode only), a decision that finds no token held here asks the same
+script for N tokens at once (partially granted near the limit), uses one and keeps the rest in
+memory per bucket, admitting locally while any is usable; requests that arrive while a lease
+is on its way wait for it instead of asking too. A held token is given up when its slot in the
+bucket is due (core.ratelimit.Leased), so the global bound is unchanged; what leasing costs
+is at most N tokens per bucket per process that nobody uses. About 1/N round trips per request.
+
 When Redis does not answer, `on_failure` decides: `local` falls back to an in-memory bucket
 with this process's share of the rate, `allow` admits, `deny` refuses. The next call after the
 runner's cool-down tries Redis again, so it recovers by itself.
@@ -29,7 +36,14 @@ from typing import Any, Literal, Protocol, final
 
 import trio
 
-from resilient_ambassador.core.ratelimit import Decision, Limit, decision_from, gcra
+from resilient_ambassador.core.ratelimit import (
+    Decision,
+    Leased,
+    Limit,
+    decision_from,
+    gcra,
+    leased_after,
+)
 from resilient_ambassador.stores.errors import StoreUnavailable
 from resilient_ambassador.stores.redis_client import LuaScript, RedisClient, RedisRunner
 
@@ -44,24 +58,33 @@ DENY_RETRY_AFTER_S = 1.0
 # Decisions sent in one pipeline at most; more wait for the next round trip.
 MAX_BATCH = 128
 
-# KEYS[1] the bucket; ARGV: interval_s, burst, max_wait_s. The same maths and epsilon as
-# core.ratelimit.gcra; returns {allowed, wait_s, ahead_s} for decision_from (numbers as strings:
-# Lua numbers come back to redis-py truncated to integers). %.6f keeps the microseconds of an
-# epoch-sized float, where tostring() would round to 14 digits.
+# KEYS[1] the bucket; ARGV: interval_s, burst, max_wait_s, want. The same maths and epsilon as
+# core.ratelimit.gcra for the first token; returns {granted, wait_s, ahead_s} for decision_from
+# (numbers as strings: Lua numbers come back to redis-py truncated to integers). %.6f keeps the
+# microseconds of an epoch-sized float, where tostring() would round to 14 digits.
+# `want` > 1 is a lease: GCRA with a cost, up to `want` tokens when the first one is admitted,
+# as many as fit within the burst (and max_wait), the TAT moving on by `granted * interval`.
 GCRA_LUA = """
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
 local max_wait = tonumber(ARGV[3])
+local want = tonumber(ARGV[4] or '1') or 1
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
-local new_tat = math.max(tat, now) + interval
-local wait = new_tat - burst * interval - now
+local base = math.max(tat, now)
+local wait = base + interval - burst * interval - now
 if wait > max_wait + 0.000001 then
   return {0, string.format('%.6f', wait), string.format('%.6f', tat - now)}
 end
+local granted = 1
+if want > 1 then
+  local fit = math.floor((now + max_wait + 0.000001 + burst * interval - base) / interval)
+  granted = math.max(1, math.min(want, fit))
+end
+local new_tat = base + granted * interval
 redis.call('SET', KEYS[1], string.format('%.6f', new_tat), 'PX', math.ceil((new_tat - now) * 1000) + 1)
-return {1, string.format('%.6f', wait), string.format('%.6f', new_tat - now)}
+return {granted, string.format('%.6f', wait), string.format('%.6f', new_tat - now)}
 """
 
 
@@ -114,12 +137,40 @@ class _Pending:
     answered: bool = False
 
 
+@dataclass(slots=True)
+class _Ask:
+    """A lease request on its way; `spare` tokens of it not yet promised to a waiter."""
+
+    spare: int
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass(slots=True)
+class _Held:
+    """One bucket's leased tokens here (in slot order) and its lease requests in flight."""
+
+    leases: list[Leased] = field(default_factory=list)
+    asks: list[_Ask] = field(default_factory=list)
+
+    def take(self, now: float) -> bool:
+        while self.leases:
+            if self.leases[0].take(now):
+                return True
+            del self.leases[0]
+        return False
+
+    def usable(self, now: float) -> int:
+        return sum(lease.usable(now) for lease in self.leases)
+
+
 @final
 class RedisBuckets:
     """Buckets in Redis, shared by every process using it; `on_failure` when it is away.
 
     `local_share` is this process's share of the rate for the `local` fallback: 1 /
     `expected_replicas`, so N replicas falling back together still stay near the limit.
+    `lease` > 1 takes that many tokens per round trip for reject-mode decisions (module
+    docstring); `clock` times the leases (trio's, so MockClock drives them in tests).
     """
 
     def __init__(
@@ -130,6 +181,8 @@ class RedisBuckets:
         on_failure: OnFailure = "local",
         local_share: float = 1.0,
         fallback: MemoryBuckets | None = None,
+        lease: int = 0,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self._runner = runner
         self._prefix = key_prefix + "rl:"
@@ -139,13 +192,66 @@ class RedisBuckets:
         self._script = LuaScript(GCRA_LUA)
         self.fallbacks = 0  # decisions made without Redis
         self.round_trips = 0  # batches sent (decisions / round_trips = mean batch size)
+        self.script_runs = 0  # scripts sent to Redis (its work: one per decision, or per lease)
+        self.leased = 0  # decisions answered from a lease held here, without Redis
+        self._lease = lease
+        self._clock = clock
+        self._held: dict[str, _Held] = {}
+        self._prune_above = PRUNE_MIN_KEYS
         self._degraded = False
         self._queue: list[_Pending] = []
         self._leading = False  # a batch is in flight; its leader starts the next one
 
     async def acquire(self, key: str, limit: Limit, max_wait_s: float) -> Decision:
+        if self._lease > 1 and max_wait_s <= 0:
+            return await self._acquire_leased(key, limit)
+        decision, _, _ = await self._decide(key, limit, max_wait_s, 1)
+        return decision
+
+    async def _acquire_leased(self, key: str, limit: Limit) -> Decision:
+        """A token held here, or one promised by a lease on its way, or a new lease."""
+        while True:
+            held = self._held.setdefault(key, _Held())
+            now = self._clock()
+            if held.take(now):
+                self.leased += 1
+                return Decision(True, remaining=held.usable(now))
+            ask = next((a for a in held.asks if a.spare > 0), None)
+            if ask is None:
+                break
+            ask.spare -= 1  # one of its tokens is ours; look again when it is back
+            await ask.done.wait()
+        ask = _Ask(self._lease - 1)
+        held.asks.append(ask)
+        sent_at = self._clock()
+        try:
+            decision, granted, ahead_s = await self._decide(key, limit, 0.0, self._lease)
+            if granted > 1:
+                held.leases.append(leased_after(granted, ahead_s, limit, sent_at))
+                held.leases.sort(key=lambda lease: lease.first_until)
+        finally:
+            held.asks.remove(ask)
+            ask.done.set()
+        self._prune_held()
+        return decision
+
+    def _prune_held(self) -> None:
+        """Forget buckets with nothing usable and nothing asked once there are many, so
+        per-client keys cannot grow without bound (as MemoryBuckets does)."""
+        if len(self._held) <= self._prune_above:
+            return
+        now = self._clock()
+        self._held = {k: h for k, h in self._held.items() if h.asks or h.usable(now)}
+        self._prune_above = max(PRUNE_MIN_KEYS, 2 * len(self._held))
+
+    async def _decide(
+        self, key: str, limit: Limit, max_wait_s: float, want: int
+    ) -> tuple[Decision, int, float]:
+        """One script run, batched: the decision, the tokens granted (0 refused; more than one
+        only when `want` asks for a lease) and the TAT's lead over Redis time after it."""
         item = _Pending(
-            f"{self._prefix}{{{key}}}", [repr(limit.interval_s), str(limit.burst), repr(max(0.0, max_wait_s))]
+            f"{self._prefix}{{{key}}}",
+            [repr(limit.interval_s), str(limit.burst), repr(max(0.0, max_wait_s)), str(want)],
         )
         self._queue.append(item)
         try:
@@ -160,13 +266,14 @@ class RedisBuckets:
             if item.error is not None:
                 raise item.error
             reply = item.reply
-            allowed, wait_s, ahead_s = int(reply[0]), float(reply[1]), float(reply[2])
+            granted, wait_s, ahead_s = int(reply[0]), float(reply[1]), float(reply[2])
         except (StoreUnavailable, TypeError, ValueError, IndexError) as exc:
-            return self._without_redis(key, limit, max_wait_s, exc)
+            decision = self._without_redis(key, limit, max_wait_s, exc)
+            return decision, int(decision.allowed), 0.0
         if self._degraded:
             self._degraded = False
             log.info("rate limits are shared through redis again")
-        return decision_from(bool(allowed), wait_s, ahead_s, limit)
+        return decision_from(granted > 0, wait_s, ahead_s, limit), granted, ahead_s
 
     async def _send_batch(self) -> None:
         """Send the queued decisions (ours first) in one pipeline, answer them all, and wake the
@@ -179,6 +286,7 @@ class RedisBuckets:
             with trio.CancelScope(shield=True):
                 replies = await self._runner.call(self._pipeline([(i.key, i.args) for i in batch]))
             self.round_trips += 1
+            self.script_runs += len(batch)
             for item, reply in zip(batch, replies, strict=True):
                 if isinstance(reply, Exception):
                     item.error = StoreUnavailable(f"redis refused the script: {reply}")

@@ -9,10 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resilient_ambassador.core.ratelimit import (
+    EPSILON_S,
+    Leased,
     Limit,
     default_burst,
     descriptor_key,
     gcra,
+    leased_after,
     policy_header,
     ratelimit_header,
 )
@@ -108,6 +111,81 @@ def test_never_more_than_rate_times_t_plus_burst_in_any_window(
     end = 0
     for i, first in enumerate(starts):  # every window that starts at an admitted request
         while end < len(starts) and starts[end] <= first + window_s:
+            end += 1
+        assert end - i <= bound
+
+
+# -- leases -------------------------------------------------------------------------------------
+
+
+def lease_script(tat: float, now: float, limit: Limit, want: int) -> tuple[int, float]:
+    """The Redis script's maths for a reject-mode lease (stores.ratelimit.GCRA_LUA): tokens
+    granted and the new TAT. The Redis tests run the script itself; this model lets the
+    window property below run thousands of sequences."""
+    interval = limit.interval_s
+    base = max(tat, now)
+    if base + interval - limit.burst * interval - now > EPSILON_S:
+        return 0, tat
+    fit = math.floor((now + EPSILON_S + limit.burst * interval - base) / interval)
+    granted = max(1, min(want, fit))
+    return granted, base + granted * interval
+
+
+def test_a_leased_token_is_given_up_when_its_slot_is_due() -> None:
+    # A lease of 5 from an idle bucket at t=10 (interval 1 s): the caller used the first token;
+    # the others are usable until 11, 12, 13, 14, as a request without a lease would have been.
+    lease = leased_after(5, 5.0, Limit(1, 1.0, 5), sent_at=10.0)
+    assert lease == Leased(first_until=11.0, count=4, interval_s=1.0)
+    assert lease.usable(10.0) == 4
+    assert lease.take(10.0)
+    assert lease.usable(12.5) == 2  # the token due at 12 is gone; 13 and 14 are left
+    assert lease.take(12.5)
+    assert lease.usable(12.5) == 1
+    assert not lease.take(14.5)
+    assert lease.count == 0
+
+
+def test_a_lease_granted_behind_a_busy_bucket_lasts_until_its_later_slots() -> None:
+    # The TAT was 3 s ahead: two tokens granted (slots 4 and 5 from now), the second usable
+    # until 4 s from when the call went out.
+    lease = leased_after(2, 5.0, Limit(1, 1.0, 5), sent_at=100.0)
+    assert lease == Leased(first_until=104.0, count=1, interval_s=1.0)
+    assert lease.take(104.0 + EPSILON_S / 2)
+    assert not lease.take(104.0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    count=st.integers(1, 50),
+    burst=st.integers(1, 20),
+    lease=st.integers(1, 20),
+    arrivals=st.lists(
+        st.tuples(st.integers(0, 3), st.floats(0, 0.3, allow_nan=False)), min_size=1, max_size=300
+    ),
+    window_s=st.floats(0.01, 5.0),
+)
+def test_leasing_processes_never_admit_more_than_rate_times_t_plus_burst_in_any_window(
+    count: int, burst: int, lease: int, arrivals: list[tuple[int, float]], window_s: float
+) -> None:
+    limit = Limit(count, 1.0, burst)
+    want = min(lease, burst)
+    now, tat = 0.0, -math.inf
+    held: dict[int, Leased] = {}
+    admitted: list[float] = []
+    for process, gap in arrivals:
+        now += gap
+        lease_here = held.get(process)
+        if lease_here is not None and lease_here.take(now):
+            admitted.append(now)
+            continue
+        granted, tat = lease_script(tat, now, limit, want)
+        if granted:
+            admitted.append(now)
+            held[process] = leased_after(granted, tat - now, limit, now)
+    bound = count * window_s + burst + 1e-6
+    end = 0
+    for i, first in enumerate(admitted):
+        while end < len(admitted) and admitted[end] <= first + window_s:
             end += 1
         assert end - i <= bound
 

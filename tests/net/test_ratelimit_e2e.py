@@ -120,6 +120,31 @@ async def test_two_daemons_share_one_redis_limit(nursery: trio.Nursery, redis: R
     assert len(upstream.received) == 3
 
 
+async def test_two_daemons_leasing_tokens_share_the_limit_in_fewer_redis_calls(
+    nursery: trio.Nursery, redis: RedisServer
+) -> None:
+    """Six a minute, leases of three: each daemon takes three in one script run and answers
+    the next two itself; together they still admit six."""
+    upstream = await start_fake_upstream(nursery)
+    limit = dataclasses.replace(THREE_PER_MINUTE, count=6, burst=6, backend="redis", lease=3)
+    config = dataclasses.replace(
+        limited(upstream.url(), limit), redis=RedisConfig(url=redis.url, key_prefix=f"t-{uuid.uuid4().hex}:")
+    )
+    pod_a = await start_daemon(nursery, config)
+    pod_b = await start_daemon(nursery, config)
+
+    statuses = [(await http_request(pod.port, "GET", "/")).status for pod in (pod_a, pod_b) * 4]
+
+    assert statuses == [200] * 6 + [429] * 2
+    assert len(upstream.received) == 6
+    for pod in (pod_a, pod_b):
+        route = (await get_stats(pod.admin_port))["rate_limits"]["routes"]["api"]  # type: ignore[index]
+        assert (route["admitted"], route["rejected"]) == (3, 1)
+        # one lease, one refused ask; two decisions answered from the lease
+        redis_counts = route["backend_round_trips"], route["backend_script_runs"], route["backend_leased"]
+        assert redis_counts == (2, 2, 2)
+
+
 async def test_redis_down_at_start_falls_back_to_the_local_share(nursery: trio.Nursery) -> None:
     upstream = await start_fake_upstream(nursery)
     limit = dataclasses.replace(THREE_PER_MINUTE, count=6, burst=6, backend="redis", expected_replicas=2)

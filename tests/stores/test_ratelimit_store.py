@@ -12,6 +12,7 @@ from typing import Literal
 
 import pytest
 import trio
+import trio.testing
 
 from resilient_ambassador.core.ratelimit import Decision, Limit, descriptor_key
 from resilient_ambassador.stores.ratelimit import Buckets, MemoryBuckets, RedisBuckets
@@ -252,3 +253,106 @@ async def test_client_pause_costs_the_budget_then_fails_over(
         assert store.fallbacks == 5
     finally:
         server.command("CLIENT", "UNPAUSE")
+
+
+# -- leases (reject mode, Redis only) ----------------------------------------------------------
+# A MockClock that stands still times the leases here, so no held token expires; the limits
+# refill one token per minutes of Redis time, so nothing comes back while a test runs either.
+
+SLOW_AND_DEEP = Limit(1000, 3600.0, 1000)  # a token every 3.6 s, a thousand at once
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def lease_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "cluster":
+        return str(request.getfixturevalue("redis_cluster").url)
+    return str(request.getfixturevalue("shared_redis"))
+
+
+@pytest.mark.parametrize(("lease", "calls"), [(0, 200), (10, 20)])
+async def test_a_lease_of_n_costs_one_redis_call_per_n_decisions(
+    lease_url: str, lease: int, calls: int, mock_clock: trio.testing.MockClock
+) -> None:
+    runner = RedisRunner.from_url(lease_url, timeout_s=0.5)
+    try:
+        store = RedisBuckets(runner, key_prefix=f"test:{secrets.token_hex(6)}:", lease=lease)
+        decisions = await take(store, 200, key(), SLOW_AND_DEEP)
+        assert all(d.allowed for d in decisions)
+        assert store.round_trips == calls
+        assert runner.calls == calls  # every Redis call the limiter made
+        assert store.script_runs == calls  # one at a time: no batching to share them
+        assert store.leased == 200 - calls
+        assert store.fallbacks == 0
+    finally:
+        await runner.aclose()
+
+
+async def test_a_lease_is_granted_partially_at_the_end_of_the_burst(
+    shared_redis: str, mock_clock: trio.testing.MockClock
+) -> None:
+    runner = RedisRunner.from_url(shared_redis, timeout_s=0.5)
+    try:
+        store = RedisBuckets(runner, key_prefix=f"test:{secrets.token_hex(6)}:", lease=4)
+        decisions = await take(store, 8, key(), Limit(10, 3600.0, 6))  # 4 + 2 granted
+        assert [d.allowed for d in decisions] == [True] * 6 + [False] * 2
+        assert store.round_trips == 2 + 2  # two leases, then each refusal asks Redis again
+        refused = decisions[-1]
+        assert 359 < refused.retry_after_s <= 360.001  # one interval, as without a lease
+    finally:
+        await runner.aclose()
+
+
+async def two_stores(url: str, lease: int) -> tuple[list[RedisRunner], list[RedisBuckets]]:
+    """Two daemons' worth of runners and buckets, sharing one key prefix."""
+    prefix = f"test:{secrets.token_hex(6)}:"
+    runners = [RedisRunner.from_url(url, timeout_s=0.5) for _ in range(2)]
+    return runners, [RedisBuckets(runner, key_prefix=prefix, lease=lease) for runner in runners]
+
+
+async def test_two_leasing_processes_admit_no_more_than_the_burst_between_them(
+    shared_redis: str, mock_clock: trio.testing.MockClock
+) -> None:
+    """Burst 20, lease 3, a token back every 6 minutes: any window of this test may admit
+    limit + burst = 20 at most, and exactly that is admitted (held tokens are used, not lost)."""
+    limit = Limit(10, 3600.0, 20)
+    runners, (a, b) = await two_stores(shared_redis, 3)
+    try:
+        k = key()
+        admitted = {"a": 0, "b": 0}
+        for _ in range(30):  # strictly alternating: a, b, a, b, ...
+            admitted["a"] += (await a.acquire(k, limit, 0.0)).allowed
+            admitted["b"] += (await b.acquire(k, limit, 0.0)).allowed
+        assert admitted == {"a": 11, "b": 9}  # leases of 3: a, b, a, b, a, b, then a gets 2
+        assert a.leased + b.leased == 20 - 7  # seven leases granted, the rest used locally
+    finally:
+        for runner in runners:
+            await runner.aclose()
+
+
+async def test_concurrent_leasing_processes_never_admit_more_than_the_burst(
+    lease_url: str, mock_clock: trio.testing.MockClock
+) -> None:
+    """60 simultaneous callers on each of two processes: every granted token is either used
+    or still held, and together they are exactly the burst."""
+    limit = Limit(10, 3600.0, 20)
+    runners, stores = await two_stores(lease_url, 4)
+    try:
+        k = key()
+        allowed: list[bool] = []
+
+        async def one(store: RedisBuckets) -> None:
+            allowed.append((await store.acquire(k, limit, 0.0)).allowed)
+
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                for _ in range(60):
+                    for store in stores:
+                        nursery.start_soon(one, store)
+        held = sum(store._held[k].usable(trio.current_time()) for store in stores if k in store._held)
+        assert allowed.count(True) <= limit.burst
+        assert allowed.count(True) + held == limit.burst
+        assert all(not h.asks for store in stores for h in store._held.values())
+        assert sum(store.round_trips for store in stores) < 120  # waiters share a lease
+    finally:
+        for runner in runners:
+            await runner.aclose()
