@@ -112,6 +112,7 @@ SCENARIOS = (
         "http",
         "-> daemon-1k + a 1000000/s limit shared in Redis (127.0.0.1:6379, own key prefix)",
     ),
+    Scenario("ratelimit-redis-lease", "http", "ratelimit-redis with `lease: 10` (tokens taken 10 at a time)"),
     Scenario(
         "breaker-open",
         "http",
@@ -500,8 +501,11 @@ class Bench:
             argv = self.daemon_argv(up_url, "--cache-ttl", "1h")
         elif name == "cache-redis":
             argv = self._redis_argv(up_url, REDIS_CACHE_CONF, "--cache-ttl", "1h")
-        elif name == "ratelimit-redis":
-            argv = self._redis_argv(up_url, REDIS_RATELIMIT_CONF, *PASSTHROUGH_FLAGS)
+        elif name in ("ratelimit-redis", "ratelimit-redis-lease"):
+            lease = 10 if name.endswith("-lease") else 0
+            argv = self._redis_argv(
+                up_url, REDIS_RATELIMIT_CONF.replace("LEASE", str(lease)), *PASSTHROUGH_FLAGS
+            )
         elif name == "ratelimit":
             argv = self.daemon_argv(up_url, *PASSTHROUGH_FLAGS, "--rate-limit", "1000000/s")
         elif name == "breaker-open":
@@ -825,6 +829,7 @@ listeners:
         rate_limit:
           rate: 1000000/s
           backend: redis
+          lease: LEASE
 upstreams:
   canned:
     url: "{upstream}"
