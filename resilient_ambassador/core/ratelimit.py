@@ -99,44 +99,42 @@ def gcra(tat: float, now: float, limit: Limit, max_wait_s: float = 0.0) -> tuple
     return decision_from(True, wait_s, new_tat - now, limit), new_tat
 
 
+# How long a leased token stays usable after the lease was asked for. Tokens are charged to
+# the shared bucket when they are leased, so one used later counts against an earlier window:
+# this bounds how much later (and how long an unused one stays idle).
+LEASE_TTL_S = 1.0
+
+
 @final
 @dataclass(slots=True)
 class Leased:
-    """Tokens this process holds for one shared bucket: `count` tokens, the first usable until
-    `first_until` and each next one `interval_s` later (their slots in the bucket are
-    consecutive). A token is given up when its slot is due: a token charged for a slot `s` may
-    be used until `s - interval`, which is exactly when a request without a lease could have
-    been admitted for that slot, so every admission still has a slot in
-    `[now + interval, now + burst*interval]` and the GCRA window bound holds unchanged."""
+    """Tokens this process holds for one shared bucket: `count` of them, usable until `until`.
 
-    first_until: float
+    They were charged to the bucket when leased, so using them later can put more admissions
+    in a window than the bucket alone allows: at most the tokens held when the window opens,
+    `(lease - 1) x processes` (docs/configuration.md, "Leasing tokens"). A strict rule (a
+    token given up when its slot in the bucket is due) has no such excess, but a token leased
+    from a bucket with room is due at once, so a generous limit got nothing from its lease."""
+
+    until: float
     count: int
-    interval_s: float
 
     def take(self, now: float) -> bool:
-        """Use the earliest token still usable at `now` (dropping the expired ones before it);
-        False when none is left."""
-        skip = max(0, math.ceil((now - EPSILON_S - self.first_until) / self.interval_s))
-        if skip >= self.count:
+        """Use one token; False when none is left or they expired."""
+        if self.count <= 0 or now >= self.until:
             self.count = 0
             return False
-        self.first_until += (skip + 1) * self.interval_s
-        self.count -= skip + 1
+        self.count -= 1
         return True
 
     def usable(self, now: float) -> int:
-        """Tokens still usable at `now`."""
-        skip = max(0, math.ceil((now - EPSILON_S - self.first_until) / self.interval_s))
-        return max(0, self.count - skip)
+        return self.count if now < self.until else 0
 
 
-def leased_after(granted: int, ahead_s: float, limit: Limit, sent_at: float) -> Leased:
-    """What remains of a lease of `granted` tokens after the caller used the first, from the
-    script's `ahead_s` (bucket TAT minus Redis time after the grant). `sent_at` is our clock
-    when the call went out: Redis ran it later, so the expiries come out early, never late."""
-    interval = limit.interval_s
-    base_s = ahead_s - granted * interval  # where the first granted slot started, from now
-    return Leased(sent_at + base_s + interval, max(0, granted - 1), interval)
+def leased_after(granted: int, sent_at: float, ttl_s: float = LEASE_TTL_S) -> Leased:
+    """What remains of a lease of `granted` tokens after the caller used the first. `sent_at`
+    is our clock when the call went out, so the expiry comes out early, never late."""
+    return Leased(sent_at + ttl_s, max(0, granted - 1))
 
 
 # -- descriptors --------------------------------------------------------------------------------

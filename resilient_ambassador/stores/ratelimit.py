@@ -17,9 +17,10 @@ batch, not per request (each decision is still its own atomic script run).
 With `lease` N (reject mode only), a decision that finds no token held here asks the same
 script for N tokens at once (partially granted near the limit), uses one and keeps the rest in
 memory per bucket, admitting locally while any is usable; requests that arrive while a lease
-is on its way wait for it instead of asking too. A held token is given up when its slot in the
-bucket is due (core.ratelimit.Leased), so the global bound is unchanged; what leasing costs
-is at most N tokens per bucket per process that nobody uses. About 1/N round trips per request.
+is on its way wait for it instead of asking too. Held tokens are usable for LEASE_TTL_S
+(core.ratelimit.Leased): any window admits at most `(N - 1) x processes` more than the bucket
+alone would, and at most that many tokens per bucket sit idle. About 1/N round trips per
+request.
 
 When Redis does not answer, `on_failure` decides: `local` falls back to an in-memory bucket
 with this process's share of the rate, `allow` admits, `deny` refuses. The next call after the
@@ -225,10 +226,10 @@ class RedisBuckets:
         held.asks.append(ask)
         sent_at = self._clock()
         try:
-            decision, granted, ahead_s = await self._decide(key, limit, 0.0, self._lease)
+            decision, granted, _ = await self._decide(key, limit, 0.0, self._lease)
             if granted > 1:
-                held.leases.append(leased_after(granted, ahead_s, limit, sent_at))
-                held.leases.sort(key=lambda lease: lease.first_until)
+                held.leases.append(leased_after(granted, sent_at))
+                held.leases.sort(key=lambda lease: lease.until)
         finally:
             held.asks.remove(ask)
             ask.done.set()

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from resilient_ambassador.core.ratelimit import (
     EPSILON_S,
+    LEASE_TTL_S,
     Leased,
     Limit,
     default_burst,
@@ -131,27 +132,21 @@ def lease_script(tat: float, now: float, limit: Limit, want: int) -> tuple[int, 
     return granted, base + granted * interval
 
 
-def test_a_leased_token_is_given_up_when_its_slot_is_due() -> None:
-    # A lease of 5 from an idle bucket at t=10 (interval 1 s): the caller used the first token;
-    # the others are usable until 11, 12, 13, 14, as a request without a lease would have been.
-    lease = leased_after(5, 5.0, Limit(1, 1.0, 5), sent_at=10.0)
-    assert lease == Leased(first_until=11.0, count=4, interval_s=1.0)
+def test_leased_tokens_last_the_lease_ttl_from_when_it_was_asked() -> None:
+    lease = leased_after(5, sent_at=10.0)
+    assert lease == Leased(until=10.0 + LEASE_TTL_S, count=4)
     assert lease.usable(10.0) == 4
     assert lease.take(10.0)
-    assert lease.usable(12.5) == 2  # the token due at 12 is gone; 13 and 14 are left
-    assert lease.take(12.5)
-    assert lease.usable(12.5) == 1
-    assert not lease.take(14.5)
+    assert lease.take(10.0 + LEASE_TTL_S / 2)
+    assert lease.usable(10.0 + LEASE_TTL_S / 2) == 2
+    assert not lease.take(10.0 + LEASE_TTL_S)  # expired: the rest is given up
     assert lease.count == 0
 
 
-def test_a_lease_granted_behind_a_busy_bucket_lasts_until_its_later_slots() -> None:
-    # The TAT was 3 s ahead: two tokens granted (slots 4 and 5 from now), the second usable
-    # until 4 s from when the call went out.
-    lease = leased_after(2, 5.0, Limit(1, 1.0, 5), sent_at=100.0)
-    assert lease == Leased(first_until=104.0, count=1, interval_s=1.0)
-    assert lease.take(104.0 + EPSILON_S / 2)
-    assert not lease.take(104.0)
+def test_a_lease_of_one_token_holds_nothing() -> None:
+    lease = leased_after(1, sent_at=0.0)
+    assert lease.usable(0.0) == 0
+    assert not lease.take(0.0)
 
 
 @settings(max_examples=300, deadline=None)
@@ -164,9 +159,11 @@ def test_a_lease_granted_behind_a_busy_bucket_lasts_until_its_later_slots() -> N
     ),
     window_s=st.floats(0.01, 5.0),
 )
-def test_leasing_processes_never_admit_more_than_rate_times_t_plus_burst_in_any_window(
+def test_leasing_processes_admit_at_most_the_leases_held_beyond_rate_times_t_plus_burst(
     count: int, burst: int, lease: int, arrivals: list[tuple[int, float]], window_s: float
 ) -> None:
+    """In any window: what the bucket allows (rate x t + burst), plus at most the tokens the
+    four processes held when it opened, (lease - 1) each."""
     limit = Limit(count, 1.0, burst)
     want = min(lease, burst)
     now, tat = 0.0, -math.inf
@@ -181,8 +178,8 @@ def test_leasing_processes_never_admit_more_than_rate_times_t_plus_burst_in_any_
         granted, tat = lease_script(tat, now, limit, want)
         if granted:
             admitted.append(now)
-            held[process] = leased_after(granted, tat - now, limit, now)
-    bound = count * window_s + burst + 1e-6
+            held[process] = leased_after(granted, now)
+    bound = count * window_s + burst + 4 * (want - 1) + 1e-6
     end = 0
     for i, first in enumerate(admitted):
         while end < len(admitted) and admitted[end] <= first + window_s:

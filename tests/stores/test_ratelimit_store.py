@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 
-from resilient_ambassador.core.ratelimit import Decision, Limit, descriptor_key
+from resilient_ambassador.core.ratelimit import LEASE_TTL_S, Decision, Limit, descriptor_key
 from resilient_ambassador.stores.ratelimit import Buckets, MemoryBuckets, RedisBuckets
 from resilient_ambassador.stores.redis_client import RedisRunner, make_redis
 from tests.stores.redis_server import RedisServer, redis_server
@@ -283,6 +283,21 @@ async def test_a_lease_of_n_costs_one_redis_call_per_n_decisions(
         assert store.script_runs == calls  # one at a time: no batching to share them
         assert store.leased == 200 - calls
         assert store.fallbacks == 0
+    finally:
+        await runner.aclose()
+
+
+async def test_a_generous_limit_still_gets_its_lease_on_the_real_clock(lease_url: str) -> None:
+    """A million a second: every leased token's slot falls due within microseconds, and an
+    earlier rule (give a token up when its slot is due) made such leases worthless. Held
+    for LEASE_TTL_S instead, ten decisions share each call however fast the limit refills."""
+    runner = RedisRunner.from_url(lease_url, timeout_s=0.5)
+    try:
+        store = RedisBuckets(runner, key_prefix=f"test:{secrets.token_hex(6)}:", lease=10)
+        with trio.fail_after(LEASE_TTL_S / 2):  # well inside one lease's lifetime
+            decisions = await take(store, 100, key(), Limit(1_000_000, 1.0, 1_000_000))
+        assert all(d.allowed for d in decisions)
+        assert (store.script_runs, store.leased) == (10, 90)
     finally:
         await runner.aclose()
 
