@@ -808,22 +808,27 @@ class App:
             for name, stage in self.breakers.items()
             if isinstance(stage, BreakerStage)
         }
+        redis_stats: Json = None
+        if self.redis is not None:
+            redis = self.redis
+            # The one runner every Redis store shares: its calls are the daemon's round trips.
+            redis_stats = {
+                "connected": redis.client is not None,  # a Cluster's client is made at start
+                "healthy": redis.healthy,
+                "calls": redis.calls,
+                "failures": redis.failures,
+                "skipped": redis.skipped,
+            }
         shared: Json = None
         if self.breaker_sync is not None and self.redis is not None:
-            sync, redis = self.breaker_sync, self.redis
+            sync = self.breaker_sync
             shared = {
                 "replica_id": sync.replica_id,
                 "published": sync.published,
                 "cleared": sync.cleared,
                 "forced_opens": sync.forced_opens,
                 "sync_errors": sync.sync_errors,
-                "redis": {
-                    "connected": redis.client is not None,  # a Cluster's client is made at start
-                    "healthy": redis.healthy,
-                    "calls": redis.calls,
-                    "failures": redis.failures,
-                    "skipped": redis.skipped,
-                },
+                "redis": redis_stats,
             }
         tcp_listeners: dict[str, Json] = {
             relay.config.name: {
@@ -844,6 +849,7 @@ class App:
             "upstreams": upstreams,
             "breakers": breakers,
             "shared_breaker": shared,
+            "redis": redis_stats,
             "rate_limits": self._rate_limit_stats(),
             "reloads": {"succeeded": self.reloads, "failed": self.reload_failures},
             "access_log": None

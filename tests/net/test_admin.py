@@ -111,6 +111,7 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
         "upstreams",
         "breakers",
         "shared_breaker",
+        "redis",
         "access_log",
         "reloads",
         "pid",
@@ -120,7 +121,12 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
         "cache",
         "dns",
     }
-    assert (before["ready"], before["draining"], before["shared_breaker"]) == (True, False, None)
+    assert (before["ready"], before["draining"], before["shared_breaker"], before["redis"]) == (
+        True,
+        False,
+        None,
+        None,
+    )
     assert (before["pid"], before["worker"]) == (os.getpid(), None)
     assert set(before["access_log"]) == {"lines", "dropped", "write_errors"}
     assert before["tcp_listeners"] == {}
