@@ -28,13 +28,12 @@ import os
 import shutil
 import statistics
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loadgen import GeneratorName, LoadSpec, run_load, wrk_path
-from servers import LOOPBACK, ServerProcess, free_port, start_server
+from servers import LOOPBACK, ServerProcess, daemon_argv, start_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "bench"
@@ -77,25 +76,6 @@ def upstream_program() -> Path:
     return reference if reference.is_file() else BENCH_DIR / "canned_upstream.py"
 
 
-def daemon_argv(upstream_port: int, flags: list[str]) -> Callable[[int], list[str]]:
-    admin = free_port()  # never the fixed default: other daemons may run on this machine
-    return lambda port: [
-        sys.executable,
-        "-m",
-        "resilient_ambassador",
-        "run",
-        "--listen",
-        f"{LOOPBACK}:{port}",
-        "--upstream",
-        f"http://{LOOPBACK}:{upstream_port}",
-        "--admin",
-        f"{LOOPBACK}:{admin}",
-        "--log-level",
-        "warning",
-        *flags,
-    ]
-
-
 def run_scenario(
     args: argparse.Namespace,
     generator: GeneratorName,
@@ -107,7 +87,7 @@ def run_scenario(
     flags = {"forward": [], "cache-memory": ["--cache-ttl", "1h"]}.get(name)
     if flags is None:
         flags = ["--cache-ttl", "1h", "--redis", redis_url]
-    daemon = start_server(name, daemon_argv(upstream.port, flags))
+    daemon = start_server(name, daemon_argv(f"http://{LOOPBACK}:{upstream.port}", *flags))
     try:
         cpu: dict[str, float] = {}
 

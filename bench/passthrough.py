@@ -51,7 +51,7 @@ from typing import Any, final
 
 from harness import run_order
 from loadgen import GeneratorName, LoadError, LoadResult, LoadSpec, run_load, wrk_path
-from servers import LOOPBACK, ServerFailed, ServerProcess, can_pin, start_server
+from servers import LOOPBACK, ServerFailed, ServerProcess, can_pin, daemon_argv, start_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "bench"
@@ -377,24 +377,8 @@ class Bench:
 
     def forwarder_argv(self, name: str, upstream_port: int) -> Callable[[int], list[str]] | None:
         if name in DAEMON_FLAGS:
-            upstream_url = f"http://{LOOPBACK}:{upstream_port}"
-            flags = DAEMON_FLAGS[name]
-            return lambda port: [
-                sys.executable,
-                "-m",
-                "resilient_ambassador",
-                "run",
-                "--listen",
-                f"{LOOPBACK}:{port}",
-                "--upstream",
-                upstream_url,
-                # An ephemeral admin port: two daemons run at once in the paired rounds.
-                "--admin",
-                f"{LOOPBACK}:0",
-                "--log-level",
-                "warning",
-                *flags,
-            ]
+            # An ephemeral admin port (the default): two daemons run at once in the paired rounds.
+            return daemon_argv(f"http://{LOOPBACK}:{upstream_port}", *DAEMON_FLAGS[name])
         if self.reference_dir is None:
             return None
         program = str(self.reference_dir / "minimal_forwarder.py")

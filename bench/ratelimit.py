@@ -43,7 +43,7 @@ from typing import Any
 import trio
 from loadgen import LoadResult, LoadSpec, run_load
 from passthrough import _pinned, split_cpus
-from servers import LOOPBACK, ServerProcess, free_port, start_server
+from servers import LOOPBACK, ServerProcess, daemon_argv, free_port, start_server
 
 from resilient_ambassador.core.ratelimit import Limit
 from resilient_ambassador.stores.ratelimit import Buckets, MemoryBuckets, RedisBuckets
@@ -99,22 +99,6 @@ def private_redis() -> Iterator[str]:
         yield f"redis://{LOOPBACK}:{server.port}/0"
     finally:
         server.close()
-
-
-def daemon_argv(upstream_port: int, *flags: str) -> Callable[[int], list[str]]:
-    return lambda port: [
-        sys.executable,
-        "-m",
-        "resilient_ambassador",
-        "run",
-        "--listen",
-        f"{LOOPBACK}:{port}",
-        "--upstream",
-        f"http://{LOOPBACK}:{upstream_port}",
-        "--log-level",
-        "warning",
-        *flags,
-    ]
 
 
 def start_upstream() -> ServerProcess:
@@ -208,7 +192,7 @@ def passthrough_part(redis_url: str, args: argparse.Namespace) -> dict[str, Any]
             names = list(scenarios) if round_no % 2 == 0 else list(reversed(scenarios))
             for name in names:
                 daemon = start_server(
-                    name, daemon_argv(upstream.port, "--admin", f"{LOOPBACK}:{free_port()}", *scenarios[name])
+                    name, daemon_argv(f"http://{LOOPBACK}:{upstream.port}", *scenarios[name])
                 )
                 try:
                     runs[name].append(_load(daemon, args))
@@ -282,7 +266,7 @@ def paired_part(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
                 pair = [
                     start_server(
                         n,
-                        daemon_argv(upstream.port, "--admin", f"{LOOPBACK}:{free_port()}", *f),
+                        daemon_argv(f"http://{LOOPBACK}:{upstream.port}", *f),
                         cpus=daemon_cpus,
                     )
                     for n, f in (("no-limit", ()), (name, flags))
@@ -337,10 +321,9 @@ def accuracy_part(redis_url: str, args: argparse.Namespace) -> dict[str, Any]:
                 f"{ACCURACY_RATE}/s",
                 "--redis",
                 redis_url,
-                "--admin",
-                f"{LOOPBACK}:{admin}",
             )
-            daemons.append((start_server(f"daemon-{i}", daemon_argv(upstream.port, *flags)), admin))
+            argv = daemon_argv(f"http://{LOOPBACK}:{upstream.port}", *flags, admin=f"{LOOPBACK}:{admin}")
+            daemons.append((start_server(f"daemon-{i}", argv), admin))
         measuring = threading.Barrier(ACCURACY_DAEMONS + 1)
         results: list[LoadResult] = []
 

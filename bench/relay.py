@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from loadgen import LoadSpec, run_load, wrk_path
-from servers import LOOPBACK, ServerProcess, can_pin, free_port, start_server
+from servers import LOOPBACK, ServerProcess, can_pin, daemon_argv, start_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "bench"
@@ -79,20 +79,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _daemon(upstream_port: int) -> Callable[[int], list[str]]:
-    return lambda port: [
-        sys.executable,
-        "-m",
-        "resilient_ambassador",
-        "run",
-        "--listen",
-        f"{LOOPBACK}:{port}",
-        "--admin",
-        f"{LOOPBACK}:{free_port()}",
-        "--upstream",
-        f"tcp://{LOOPBACK}:{upstream_port}",
-        "--log-level",
-        "warning",
-    ]
+    return daemon_argv(f"tcp://{LOOPBACK}:{upstream_port}")
 
 
 def _socat(upstream_port: int, buffer_bytes: int | None) -> Callable[[int], list[str]]:

@@ -57,7 +57,7 @@ from harness import (
     run_order,
 )
 from loadgen import GeneratorName, LoadError, LoadResult, LoadSpec, hdr_available, run_load, wrk_path
-from servers import LOOPBACK, ServerFailed, ServerProcess, free_port, start_server
+from servers import LOOPBACK, ServerFailed, ServerProcess, daemon_argv, free_port, start_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "bench"
@@ -448,22 +448,8 @@ class Bench:
     # -- scenario servers -----------------------------------------------------------------
 
     def daemon_argv(self, upstream_url: str, *flags: str) -> Callable[[int], list[str]]:
-        admin = free_port()  # a fixed one: --workers needs it, and never the default 9901
-        return lambda port: [
-            sys.executable,
-            "-m",
-            "resilient_ambassador",
-            "run",
-            "--listen",
-            f"{LOOPBACK}:{port}",
-            "--upstream",
-            upstream_url,
-            "--admin",
-            f"{LOOPBACK}:{admin}",
-            "--log-level",
-            "warning",
-            *flags,
-        ]
+        # A fixed admin port, known here: --workers needs one, and /stats is read through it.
+        return daemon_argv(upstream_url, *flags, admin=f"{LOOPBACK}:{free_port()}")
 
     def start(self, name: str) -> ServerProcess | None:
         """Start the scenario's server (None: the load goes to the upstream itself)."""

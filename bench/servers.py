@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -216,3 +217,24 @@ def start_server(
             raise
         return server
     raise AssertionError("unreachable")
+
+
+def daemon_argv(upstream_url: str, *flags: str, admin: str = f"{LOOPBACK}:0") -> Callable[[int], list[str]]:
+    """The daemon as every benchmark runs it: on 127.0.0.1:<port> in front of `upstream_url`,
+    warnings only, with an admin listener of its own (ephemeral unless `admin` says where: the
+    default 9901 may be another daemon's on this machine)."""
+    return lambda port: [
+        sys.executable,
+        "-m",
+        "resilient_ambassador",
+        "run",
+        "--listen",
+        f"{LOOPBACK}:{port}",
+        "--upstream",
+        upstream_url,
+        "--admin",
+        admin,
+        "--log-level",
+        "warning",
+        *flags,
+    ]

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from loadgen import GeneratorName, LoadSpec, run_load, wrk_path
-from servers import LOOPBACK, ServerProcess, start_server
+from servers import LOOPBACK, ServerProcess, daemon_argv, start_server
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results" / "tracing.json"
@@ -49,20 +49,7 @@ def _daemon(name: str, upstream: int, sink: int, extra_env: dict[str, str] | Non
             )
         return start_server(
             name,
-            lambda port: [
-                sys.executable,
-                "-m",
-                "resilient_ambassador",
-                "run",
-                "--listen",
-                f"{LOOPBACK}:{port}",
-                "--upstream",
-                f"http://{LOOPBACK}:{upstream}",
-                "--admin",
-                f"{LOOPBACK}:0",
-                "--log-level",
-                "warning",
-            ],
+            daemon_argv(f"http://{LOOPBACK}:{upstream}"),
         )
     finally:
         os.environ.clear()

@@ -9,11 +9,12 @@ is ever created. Metrics are always kept and served in the Prometheus text forma
 listener's `/metrics`, and pushed over OTLP as well when asked.
 
 The per-request instruments (durations, retries, cache and rate-limit outcomes) are families
-that a stage binds once per attribute set. With tracing off they are aggregated here, in
-cells costing a bisect and a few additions per request, and handed to the SDK's readers as
-ordinary `Metric`s when they collect: the SDK's synchronous instruments cost ~15-25 us per
-call (attribute cleaning, sorting and hashing per measurement). With tracing on they stay SDK
-instruments, so histogram points keep their trace exemplars.
+that a stage binds once per attribute set. They are aggregated here, in cells costing a bisect
+and a few additions per request, and handed to the SDK's readers as ordinary `Metric`s when
+they collect: the SDK's synchronous instruments cost ~15-25 us per call (attribute cleaning,
+sorting and hashing per measurement), as much as the rest of a sampled-out trace. So histogram
+points carry no trace exemplars. `sdk_instruments=True` makes them SDK instruments again: the
+reference the tests hold the aggregated export to.
 """
 
 from __future__ import annotations
@@ -115,8 +116,7 @@ class Family(Protocol):
 
 @final
 class _SdkFamily:
-    """An SDK synchronous instrument's `record` or `add`: each call pays the SDK's price, and
-    keeps the trace exemplars."""
+    """An SDK synchronous instrument's `record` or `add`: each call pays the SDK's price."""
 
     def __init__(self, method: Callable[..., None]) -> None:
         self._method = method
@@ -494,9 +494,11 @@ class Telemetry:
         environ: Mapping[str, str] = os.environ,
         *,
         span_exporter: SpanExporter | None = None,
+        sdk_instruments: bool = False,
     ) -> None:
         """`span_exporter` overrides the configured one and exports each span as it ends
-        (tests use an in-memory exporter)."""
+        (tests use an in-memory exporter); `sdk_instruments` records the per-request metrics
+        through the SDK's own instruments (the tests' reference; see the module docstring)."""
         self.settings = settings = TelemetrySettings.resolve(config, environ)
         attributes: dict[str, str] = {"service.version": __version__}
         if settings.service_name is not None:
@@ -544,9 +546,8 @@ class Telemetry:
         )
         meter = self._meter_provider.get_meter(SCOPE, __version__)
         self.meter = meter
-        # Per-request instruments. With tracing on they stay SDK instruments, whose histogram
-        # points carry the trace exemplars; with it off, the cheap pre-aggregated families.
-        self.aggregated = self.tracer is None
+        # Per-request instruments: the cheap pre-aggregated families, unless asked otherwise.
+        self.aggregated = not sdk_instruments
         if self.aggregated:
             aggregates.anchor(self._meter_provider)
 

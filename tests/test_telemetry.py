@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import trio
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from resilient_ambassador.core.config import TelemetryConfig
@@ -47,10 +46,9 @@ SECOND = [0.5, 1.0]
 
 
 def _pair(**config: Any) -> tuple[Telemetry, Telemetry]:
-    """(ours, the SDK's): tracing off aggregates in-process; a span exporter turns tracing on,
-    which keeps the SDK instruments."""
+    """(ours, the SDK's own instruments as the reference)."""
     ours = Telemetry(TelemetryConfig(**config), {})
-    sdk = Telemetry(TelemetryConfig(**config), {}, span_exporter=InMemorySpanExporter())
+    sdk = Telemetry(TelemetryConfig(**config), {}, sdk_instruments=True)
     assert (ours.aggregated, sdk.aggregated) == (True, False)
     return ours, sdk
 
@@ -205,9 +203,9 @@ async def test_otlp_exports_are_the_sdk_s(
         Telemetry(
             TelemetryConfig(metrics_exporter="otlp", otlp_endpoint=c.endpoint, metrics_interval_s=3600.0),
             {},
-            span_exporter=InMemorySpanExporter() if traced else None,
+            sdk_instruments=sdk,
         )
-        for c, traced in zip(collectors, (False, True), strict=True)
+        for c, sdk in zip(collectors, (False, True), strict=True)
     )
     assert (ours.aggregated, sdk.aggregated) == (True, False)
     for telemetry in (ours, sdk):

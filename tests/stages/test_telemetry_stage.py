@@ -1,6 +1,6 @@
 """The request and attempt telemetry stages on trio's MockClock, behind a real retry stage:
 every duration is exact, so the exported histograms and counters are pinned per attribute
-set, with tracing off (pre-aggregated) and on (the SDK's instruments) alike."""
+set, pre-aggregated with tracing off and on, and through the SDK's own instruments alike."""
 
 from __future__ import annotations
 
@@ -87,12 +87,16 @@ def _get(samples: Samples, name: str, **labels: str) -> float:
     return samples[name, frozenset(labels.items())]
 
 
-@pytest.mark.parametrize("traced", [False, True], ids=["aggregated", "sdk"])
+@pytest.mark.parametrize(
+    ("traced", "sdk"), [(False, False), (True, False), (False, True)], ids=["aggregated", "traced", "sdk"]
+)
 async def test_stages_export_pinned_values_across_two_collections(
-    autojump_clock: trio.testing.MockClock, traced: bool
+    autojump_clock: trio.testing.MockClock, traced: bool, sdk: bool
 ) -> None:
-    telemetry = Telemetry(TelemetryConfig(), {}, span_exporter=InMemorySpanExporter() if traced else None)
-    assert telemetry.aggregated is not traced
+    telemetry = Telemetry(
+        TelemetryConfig(), {}, span_exporter=InMemorySpanExporter() if traced else None, sdk_instruments=sdk
+    )
+    assert telemetry.aggregated is not sdk
     statuses = await _run(
         telemetry,
         (b"GET", (Step(0.25),)),
