@@ -366,11 +366,14 @@ class ClientConnection:
     # -- reading ---------------------------------------------------------------------------
 
     async def receive(self, deadline: float, timeout_reason: str) -> bytes:
-        with trio.move_on_at(deadline):
-            try:
-                return await sockio.receive(self.fd, RECEIVE_BYTES)
-            except OSError:
-                raise ClientGone() from None
+        try:
+            data = await sockio.receive_ready(self.fd, RECEIVE_BYTES)
+            if data is not None:
+                return data
+            with trio.move_on_at(deadline):
+                return await sockio.receive_wait(self.fd, RECEIVE_BYTES)
+        except OSError:
+            raise ClientGone() from None
         raise ClientError(408, "request_timeout", timeout_reason)
 
     async def _read_head(self) -> RequestHead | None:
@@ -381,8 +384,9 @@ class ClientConnection:
         self.response_started = False
         self.request_body = None
         first_request = self.requests_served == 0
-        idle_timeout = limits.header_read_timeout_s if first_request else limits.keepalive_timeout_s
-        deadline = trio.current_time() + idle_timeout
+        # The head's deadline starts when its first bytes are in (header_read_timeout), and is
+        # only read off the clock if they do not bring the whole head.
+        deadline: float | None = None
         while True:
             if buffer:
                 while buffer.startswith(b"\r\n"):  # RFC 9112 2.2: ignore empty lines before a request
@@ -393,21 +397,17 @@ class ClientConnection:
                     raw = bytes(buffer[: scan.head_length])
                     del buffer[: scan.head_length]
                     break
+                if deadline is None:
+                    deadline = trio.current_time() + limits.header_read_timeout_s
                 data = await self.receive(deadline, "request header timeout")
             else:
                 if self.server.draining:
                     return None
-                with trio.CancelScope(deadline=deadline) as idle:
-                    self.server._idle_scopes.add(idle)
-                    try:
-                        data = await sockio.receive(self.fd, RECEIVE_BYTES)
-                    except OSError:
-                        return None
-                    finally:
-                        self.server._idle_scopes.discard(idle)
-                if idle.cancelled_caught:
-                    return None  # keep-alive idle timeout or drain: close quietly
-                deadline = trio.current_time() + limits.header_read_timeout_s
+                idle_s = limits.header_read_timeout_s if first_request else limits.keepalive_timeout_s
+                received = await self._wait_for_request(idle_s)
+                if received is None:
+                    return None  # gone, keep-alive idle timeout or drain: close quietly
+                data = received
             if not data:
                 if buffer:
                     raise ClientGone()  # half a head, then EOF: nothing to answer
@@ -421,6 +421,26 @@ class ClientConnection:
         self.keep_alive = head.keep_alive and head.version == b"1.1"
         self.expect_continue = head.expect_continue
         return head
+
+    async def _wait_for_request(self, idle_s: float) -> bytes | None:
+        """The first bytes of the next request (b"" at EOF), or None when the client went
+        away, stayed idle for `idle_s`, or the listener is draining. Under load they are usually
+        there already, and no idle scope is needed."""
+        try:
+            data = await sockio.receive_ready(self.fd, RECEIVE_BYTES)
+            if data is not None:
+                return data
+            if self.server.draining:
+                return None  # began while we yielded: the drain wakes only idle scopes it can see
+            with trio.CancelScope(deadline=trio.current_time() + idle_s) as idle:
+                self.server._idle_scopes.add(idle)
+                try:
+                    return await sockio.receive_wait(self.fd, RECEIVE_BYTES)
+                finally:
+                    self.server._idle_scopes.discard(idle)
+        except OSError:
+            return None
+        return None  # keep-alive idle timeout, or the drain woke it
 
     # -- serving ---------------------------------------------------------------------------
 

@@ -22,21 +22,29 @@ import trio
 
 async def receive(fd: int, max_bytes: int) -> bytes:
     """What `fd` has to read (b"" at EOF), waiting for it if need be."""
+    data = await receive_ready(fd, max_bytes)
+    return data if data is not None else await receive_wait(fd, max_bytes)
+
+
+async def receive_ready(fd: int, max_bytes: int) -> bytes | None:
+    """Yield to the scheduler once, then what is there to read (b"" at EOF), or None. Callers
+    that wait under a deadline set it up only when this found nothing: under load it rarely
+    does, and a cancel scope costs more than the read."""
     await trio.lowlevel.checkpoint()
-    while True:
-        try:
-            return os.read(fd, max_bytes)
-        except BlockingIOError:
-            # Nothing yet (or a spurious wake-up): wait for readability, then read again.
-            await trio.lowlevel.wait_readable(fd)
-
-
-def receive_nowait(fd: int, max_bytes: int) -> bytes | None:
-    """What is already there (b"" at EOF), or None without blocking."""
     try:
         return os.read(fd, max_bytes)
     except BlockingIOError:
         return None
+
+
+async def receive_wait(fd: int, max_bytes: int) -> bytes:
+    """Wait for readability, then read (b"" at EOF): after `receive_ready` found nothing."""
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            return os.read(fd, max_bytes)
+        except BlockingIOError:
+            continue  # a spurious wake-up
 
 
 def send_nowait(fd: int, data: bytes) -> int:

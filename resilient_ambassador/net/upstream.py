@@ -93,6 +93,16 @@ class UpstreamConnection:
             return await sockio.receive(self.fd, RECEIVE_BYTES)
         return bytes(await self.stream.receive_some(RECEIVE_BYTES))
 
+    async def receive_ready(self) -> bytes | None:
+        """What has arrived (b"" at EOF), or None: over TLS always None (see `receive_wait`)."""
+        return await sockio.receive_ready(self.fd, RECEIVE_BYTES) if self.plain else None
+
+    async def receive_wait(self) -> bytes:
+        """Bytes from the upstream, after `receive_ready` found none."""
+        if self.plain:
+            return await sockio.receive_wait(self.fd, RECEIVE_BYTES)
+        return bytes(await self.stream.receive_some(RECEIVE_BYTES))
+
     def send_nowait(self, data: bytes) -> int:
         """How much of `data` the kernel took at once (always 0 over TLS). Raises OSError."""
         return sockio.send_nowait(self.fd, data) if self.plain else 0
@@ -430,11 +440,7 @@ class UpstreamClient:
         try:
             try:
                 await self._send_request(conn, outgoing, request)
-                head = None
-                with trio.CancelScope(deadline=trio.current_time() + self.config.timeouts.response_s):
-                    head = await self._receive_head(conn, request.method)
-                if head is None:
-                    raise trio.TooSlowError
+                head = await self._receive_head(conn, request.method, self.config.timeouts.response_s)
             except _PeerClosed as exc:
                 if exc.got_bytes or not reused:
                     raise UpstreamProtocolError("upstream closed the connection", upstream=name) from None
@@ -506,18 +512,28 @@ class UpstreamClient:
             f"upstream stopped reading the request for {timeout_s:g}s", upstream=self.config.name
         )
 
-    async def _receive_head(self, conn: UpstreamConnection, method: bytes) -> ResponseHead:
+    async def _receive_head(self, conn: UpstreamConnection, method: bytes, timeout_s: float) -> ResponseHead:
         """The final response head (1xx interim responses are skipped: we sent the whole
-        body already). Raises _PeerClosed, FramingError."""
+        body already), within `timeout_s` of first having to wait for it. Raises _PeerClosed,
+        FramingError, trio.TooSlowError."""
         buffer = conn.buffer
         got_bytes = bool(buffer)
+        deadline: float | None = None
         while True:
             end = buffer.find(HEAD_END)
             if end == -1:
                 if len(buffer) > MAX_RESPONSE_HEAD_BYTES:
                     raise FramingError("response head too large")
                 try:
-                    data = await conn.receive()
+                    data = await conn.receive_ready()
+                    if data is None:
+                        # Only now a deadline: under load the answer is usually in already.
+                        if deadline is None:
+                            deadline = trio.current_time() + timeout_s
+                        with trio.move_on_at(deadline):
+                            data = await conn.receive_wait()
+                        if data is None:
+                            raise trio.TooSlowError
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     raise _PeerClosed(got_bytes) from None
                 if not data:
