@@ -513,6 +513,17 @@ def _section(at: _At | None, schema: _Schema) -> dict[str, Any]:
     return {} if at is None else _read(at.fields(tuple(schema)), schema)
 
 
+def _check_client_tls(at: _At, tls: TLSConfig) -> None:
+    """A client certificate comes with its key, and every file loads now, so check-config
+    catches a bad one (upstreams, relays and Redis alike)."""
+    if (tls.cert_file is None) != (tls.key_file is None):
+        raise at.error("cert_file and key_file must be set together")
+    try:
+        client_context(tls)
+    except (OSError, ssl.SSLError) as e:
+        raise at.error(f"cannot load the TLS files: {e}") from None
+
+
 def load_config(path: str | os.PathLike[str], resolver: SecretResolver | None = None) -> Config:
     """Load and validate a YAML config file."""
     source = os.fspath(path)
@@ -683,12 +694,7 @@ class _Builder:
         tls_at = at.fields(tuple(_REDIS))["tls"]
         if redis.url is None or not parse_redis_target(redis.url).tls:
             raise tls_at.error("tls is set but redis.url is not rediss:// or rediss+cluster://")
-        if (redis.tls.cert_file is None) != (redis.tls.key_file is None):
-            raise tls_at.error("cert_file and key_file must be set together")
-        try:  # load the CA and client certificate now, so check-config catches a bad file
-            client_context(redis.tls)
-        except (OSError, ssl.SSLError) as e:
-            raise tls_at.error(f"cannot load the TLS files: {e}") from None
+        _check_client_tls(tls_at, redis.tls)
         return redis
 
     def config(self, root: _At) -> Config:
@@ -828,13 +834,8 @@ class _Builder:
         if tls_at is not None and not any(url.scheme == "tls" for url in upstreams):
             raise tls_at.error("tls is set but no upstream address is tls://")
         tls = TLSConfig(**_section(tls_at, _TLS))
-        if tls_at is not None and (tls.cert_file is None) != (tls.key_file is None):
-            raise tls_at.error("cert_file and key_file must be set together")
         if tls_at is not None:
-            try:  # load the CA and client certificate now, so check-config catches a bad file
-                client_context(tls)
-            except (OSError, ssl.SSLError) as e:
-                raise tls_at.error(f"cannot load the TLS files: {e}") from None
+            _check_client_tls(tls_at, tls)
         relay = RelayConfig(upstreams=upstreams, tls=tls, **_read(found, _RELAY))
         if relay.breaker.shared != "none":
             raise (
@@ -887,13 +888,8 @@ class _Builder:
         if tls_at is not None and not url.uses_tls:
             raise tls_at.error("tls is set but the URL is http:// (use https://)")
         tls = TLSConfig(**_section(tls_at, _TLS))
-        if tls_at is not None and (tls.cert_file is None) != (tls.key_file is None):
-            raise tls_at.error("cert_file and key_file must be set together")
         if tls_at is not None:
-            try:  # load the CA and client certificate now, so check-config catches a bad file
-                client_context(tls)
-            except (OSError, ssl.SSLError) as e:
-                raise tls_at.error(f"cannot load the TLS files: {e}") from None
+            _check_client_tls(tls_at, tls)
         return UpstreamConfig(
             name,
             url,
