@@ -150,14 +150,6 @@ def _content_length(values: list[bytes]) -> int:
     return int(text)
 
 
-def _canonical_length(headers: Headers, length: int) -> Headers:
-    """Several agreeing Content-Length values become one field (RFC 9112 6.3 lets a recipient
-    do so), so whoever reads the head next sees exactly one number."""
-    out = [(n, v) for n, v in headers if n != b"content-length"]
-    out.append((b"content-length", b"%d" % length))
-    return out
-
-
 def declared_length(headers: Headers) -> int | None:
     """The body length a head we are about to send declares (None: no Content-Length).
     Raises FramingError for a value we would not accept from a peer either."""
@@ -165,8 +157,56 @@ def declared_length(headers: Headers) -> int | None:
     return _content_length(values) if values else None
 
 
-def _connection_tokens(values: list[bytes]) -> set[bytes]:
-    return {t.strip(b" \t").lower() for value in values for t in value.split(b",")}
+def _keep_alive(version: bytes, connection: list[bytes]) -> bool:
+    """RFC 9112 9.3: HTTP/1.1 persists unless `close`; HTTP/1.0 only with `keep-alive`."""
+    tokens = {t.strip(b" \t").lower() for value in connection for t in value.split(b",")}
+    return b"close" not in tokens and (version == b"1.1" or b"keep-alive" in tokens)
+
+
+def _framing_fields(
+    headers: Headers,
+) -> tuple[list[bytes], list[bytes], list[bytes], list[bytes], bytes | None]:
+    """The values of the fields that frame a message, in one pass: (Host, Content-Length,
+    Transfer-Encoding, Connection, Expect)."""
+    hosts: list[bytes] = []
+    lengths: list[bytes] = []
+    codings: list[bytes] = []
+    connection: list[bytes] = []
+    expect: bytes | None = None
+    for name, value in headers:
+        if name == b"content-length":
+            lengths.append(value)
+        elif name == b"host":
+            hosts.append(value)
+        elif name == b"transfer-encoding":
+            codings.append(value)
+        elif name == b"connection":
+            connection.append(value)
+        elif name == b"expect":
+            expect = value
+    return hosts, lengths, codings, connection, expect
+
+
+def _declared(headers: Headers, lengths: list[bytes]) -> tuple[Headers, int | None]:
+    """The Content-Length the values agree on (None without any), and the headers with them as
+    one field (RFC 9112 6.3 lets a recipient do so), so whoever reads the head next sees
+    exactly one number."""
+    if not lengths:
+        return headers, None
+    length = _content_length(lengths)
+    if len(lengths) > 1 or lengths[0] != b"%d" % length:
+        headers = [(n, v) for n, v in headers if n != b"content-length"]
+        headers.append((b"content-length", b"%d" % length))
+    return headers, length
+
+
+def _chunked(codings: list[bytes]) -> bool:
+    """RFC 9112 6.1: only `chunked`, and only once; anything else we cannot frame (501)."""
+    if not codings:
+        return False
+    if len(codings) > 1 or codings[0].strip(b" \t").lower() != b"chunked":
+        raise FramingError("unsupported Transfer-Encoding", 501)
+    return True
 
 
 def parse_request_head(head: bytes) -> RequestHead:
@@ -180,49 +220,21 @@ def parse_request_head(head: bytes) -> RequestHead:
     if version not in (b"1.1", b"1.0"):
         raise FramingError("only HTTP/1.0 and HTTP/1.1", 505)
     headers = _fields(head[line.end() : -2])
-    host: bytes | None = None
-    hosts = 0
-    lengths: list[bytes] = []
-    codings: list[bytes] = []
-    connection: list[bytes] = []
-    expect: bytes | None = None
-    for name, value in headers:
-        if name == b"host":
-            host = value
-            hosts += 1
-        elif name == b"content-length":
-            lengths.append(value)
-        elif name == b"transfer-encoding":
-            codings.append(value)
-        elif name == b"connection":
-            connection.append(value)
-        elif name == b"expect":
-            expect = value
-    if hosts > 1 or (hosts == 0 and version == b"1.1"):
+    hosts, lengths, codings, connection, expect = _framing_fields(headers)
+    if len(hosts) > 1 or (not hosts and version == b"1.1"):
         # RFC 9112 3.2: exactly one Host in HTTP/1.1; several are refused in any version.
-        raise FramingError("missing Host header" if hosts == 0 else "more than one Host header")
-    content_length = _content_length(lengths) if lengths else None
-    if content_length is not None and (len(lengths) > 1 or lengths[0] != b"%d" % content_length):
-        headers = _canonical_length(headers, content_length)
-    chunked = False
-    if codings:
-        if lengths:
-            # RFC 9112 6.3: may be a smuggling attempt; a proxy MUST NOT forward both.
-            raise FramingError("both Content-Length and Transfer-Encoding")
-        if len(codings) > 1 or codings[0].strip(b" \t").lower() != b"chunked":
-            # RFC 9112 6.1: only chunked, and only once; anything else we cannot frame.
-            raise FramingError("unsupported Transfer-Encoding", 501)
-        chunked = True
-    tokens = _connection_tokens(connection) if connection else set()
+        raise FramingError("more than one Host header" if hosts else "missing Host header")
+    headers, content_length = _declared(headers, lengths)
+    if codings and lengths:
+        # RFC 9112 6.3: may be a smuggling attempt; a proxy MUST NOT forward both.
+        raise FramingError("both Content-Length and Transfer-Encoding")
+    chunked = _chunked(codings)
     # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is handled, then the connection is closed.
-    keep_alive = (
-        b"close" not in tokens
-        and (version == b"1.1" or b"keep-alive" in tokens)
-        and not (chunked and version == b"1.0")
-    )
+    keep_alive = _keep_alive(version, connection) and not (chunked and version == b"1.0")
     expect_continue = (
         expect is not None and version == b"1.1" and expect.strip(b" \t").lower() == b"100-continue"
     )
+    host = hosts[0] if hosts else None
     return RequestHead(
         method, target, version, headers, host, content_length, chunked, keep_alive, expect_continue
     )
@@ -242,32 +254,16 @@ def parse_response_head(head: bytes, request_method: bytes) -> ResponseHead:
     if status < 100:
         raise FramingError("invalid status code")
     headers = _fields(head[line.end() : -2])
-    lengths: list[bytes] = []
-    codings: list[bytes] = []
-    connection: list[bytes] = []
-    for name, value in headers:
-        if name == b"content-length":
-            lengths.append(value)
-        elif name == b"transfer-encoding":
-            codings.append(value)
-        elif name == b"connection":
-            connection.append(value)
-    tokens = _connection_tokens(connection) if connection else set()
-    keep_alive = b"close" not in tokens and (version == b"1.1" or b"keep-alive" in tokens)
-    if codings and (len(codings) > 1 or codings[0].strip(b" \t").lower() != b"chunked"):
-        raise FramingError("unsupported Transfer-Encoding")
-    content_length = _content_length(lengths) if lengths else None
-    if content_length is not None and (len(lengths) > 1 or lengths[0] != b"%d" % content_length):
-        headers = _canonical_length(headers, content_length)
+    _, lengths, codings, connection, _ = _framing_fields(headers)
+    keep_alive = _keep_alive(version, connection)
+    chunked = _chunked(codings)  # checked even where there is no body: a bad one is a bad peer
+    headers, content_length = _declared(headers, lengths)
     if request_method == b"HEAD" or status < 200 or status in (204, 304):
         return ResponseHead(status, reason or b"", version, headers, 0, False, keep_alive)
-    chunked = False
-    if codings:
-        chunked = True
-        if lengths:
-            content_length = None
-            keep_alive = False  # RFC 9112 6.3: chunked wins; never reuse such a connection
-    elif not lengths:
+    if chunked and lengths:
+        content_length = None
+        keep_alive = False  # RFC 9112 6.3: chunked wins; never reuse such a connection
+    elif not chunked and not lengths:
         keep_alive = False  # the body ends when the upstream closes
     return ResponseHead(status, reason or b"", version, headers, content_length, chunked, keep_alive)
 
