@@ -268,9 +268,7 @@ class DownstreamBody:
                 try:
                     data = decoder.decode(buffer)
                 except FramingError as exc:
-                    raise ClientError(
-                        exc.status, _client_reason(exc.status), f"bad request body: {exc.message}"
-                    ) from None
+                    raise _client_error(exc, "bad request body: ") from None
                 self._received += len(data)
                 # A chunk counts at its declared size: one claiming 2**64 bytes is refused now,
                 # not after a megabyte has been streamed upstream or the body timeout.
@@ -289,13 +287,13 @@ class DownstreamBody:
             buffer += received
 
 
-def _client_reason(status: int) -> str:
-    return {
-        413: "body_too_large",
-        431: "headers_too_large",
-        501: "not_implemented",
-        505: "http_version_not_supported",
-    }.get(status, "bad_request")
+# The daemon's error reasons for the statuses the parser picks (any other, 501 included, is a
+# `bad_request`: see docs/architecture.md, "Error responses").
+_REASON_BY_STATUS = {413: "body_too_large", 431: "headers_too_large", 505: "http_version_not_supported"}
+
+
+def _client_error(exc: FramingError, context: str = "") -> ClientError:
+    return ClientError(exc.status, _REASON_BY_STATUS.get(exc.status, "bad_request"), context + exc.message)
 
 
 @final
@@ -416,7 +414,7 @@ class ClientConnection:
         try:
             head = parse_request_head(raw)
         except FramingError as exc:
-            raise ClientError(exc.status, _client_reason(exc.status), exc.message) from None
+            raise _client_error(exc) from None
         # HTTP/1.0 clients get one response per connection: no `Connection: keep-alive` dance.
         self.keep_alive = head.keep_alive and head.version == b"1.1"
         self.expect_continue = head.expect_continue
