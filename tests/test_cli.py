@@ -18,7 +18,7 @@ from resilient_ambassador.cli import build_parser, config_for_run, main
 from resilient_ambassador.config_loader import ConfigError
 from resilient_ambassador.secrets import SecretResolver
 from tests.support.client import RawConnection, http_request
-from tests.support.process import CLI, wait_listening
+from tests.support.process import CLI, run_command, wait_listening
 from tests.support.process import free_port as _free_port
 from tests.support.tcp import echo as tcp_echo
 from tests.support.tcp import start_tcp_upstream
@@ -99,20 +99,15 @@ async def test_one_liner_injects_secret_and_drains_on_sigterm(nursery: trio.Nurs
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
-            [
-                *CLI,
-                "run",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--admin",
-                f"127.0.0.1:{admin_port}",
-                "--upstream",
+            run_command(
+                port,
+                admin_port,
                 upstream.url(),
                 "--header",
                 f"X-Api-Key: ${{file:{secret_file}}}",
                 "--log-level",
                 "debug",
-            ],
+            ),
             stderr=stderr,
         )
         try:
@@ -260,16 +255,7 @@ async def test_one_liner_tcp_relays_and_drains_on_sigterm(nursery: trio.Nursery,
     stderr_path = tmp_path / "stderr.log"
     with stderr_path.open("wb") as stderr:
         process = await trio.lowlevel.open_process(
-            [
-                *CLI,
-                "run",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--admin",
-                f"127.0.0.1:{admin_port}",
-                "--upstream",
-                upstream.address(),
-            ],
+            run_command(port, admin_port, upstream.address()),
             stderr=stderr,
         )
         try:

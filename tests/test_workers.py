@@ -12,7 +12,7 @@ import trio
 
 from resilient_ambassador.supervisor import Supervisor
 from tests.support.client import http_request
-from tests.support.process import CLI, wait_listening
+from tests.support.process import CLI, run_command, wait_listening
 from tests.support.process import free_port as _free_port
 from tests.support.upstream import Reply, echo, start_fake_upstream
 
@@ -40,18 +40,7 @@ async def test_workers_share_the_port_and_a_killed_worker_is_replaced(
     port, admin_port = _free_port(), _free_port()
     with (tmp_path / "stderr.log").open("wb") as stderr:
         process = await trio.lowlevel.open_process(
-            [
-                *CLI,
-                "run",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--admin",
-                f"127.0.0.1:{admin_port}",
-                "--upstream",
-                upstream.url(),
-                "--workers",
-                "2",
-            ],
+            run_command(port, admin_port, upstream.url(), "--workers", "2"),
             stderr=stderr,
         )
         try:

@@ -10,6 +10,22 @@ import trio
 CLI = [sys.executable, "-m", "resilient_ambassador"]
 
 
+def run_command(port: int, admin_port: int, upstream: str, *flags: str) -> list[str]:
+    """`resilient-ambassador run` on 127.0.0.1:`port`, its admin listener on `admin_port`,
+    forwarding to `upstream`: the command line of the tests that start the daemon itself."""
+    return [
+        *CLI,
+        "run",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--admin",
+        f"127.0.0.1:{admin_port}",
+        "--upstream",
+        upstream,
+        *flags,
+    ]
+
+
 def free_port() -> int:
     """A loopback port nobody listens on right now (for processes that need a fixed port)."""
     with socket.socket() as sock:
