@@ -41,6 +41,7 @@ from resilient_ambassador.core.errors import (
 from resilient_ambassador.core.log_throttle import LogThrottle
 from resilient_ambassador.core.messages import Handler, Request, Response
 from resilient_ambassador.core.ratelimit import ConnectionRate
+from resilient_ambassador.net import sockio
 from resilient_ambassador.net.resolver import Resolver
 from resilient_ambassador.net.tls import client_context, server_context
 from resilient_ambassador.stages.breaker import BreakerStage
@@ -314,7 +315,6 @@ class RelayServer:
         pumps: trio.CancelScope,
         to_upstream: bool,
     ) -> None:
-        stats = self.stats
         try:
             while True:
                 data = await src.receive_some(CHUNK_BYTES)
@@ -322,12 +322,7 @@ class RelayServer:
                     break
                 tunnel.last_active_at = trio.current_time()
                 await dst.send_all(data)
-                if to_upstream:
-                    stats.bytes_to_upstream += len(data)
-                    tunnel.bytes_to_upstream += len(data)
-                else:
-                    stats.bytes_to_client += len(data)
-                    tunnel.bytes_to_client += len(data)
+                self._count(tunnel, len(data), to_upstream)
             if isinstance(dst, trio.abc.HalfCloseableStream):
                 await dst.send_eof()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -352,7 +347,6 @@ class RelayServer:
         assert isinstance(src, trio.SocketStream)
         assert isinstance(dst, trio.SocketStream)
         src_fd, dst_fd = src.socket.fileno(), dst.socket.fileno()
-        stats = self.stats
         since_yield = 0
         pipe: tuple[int, int] | None = None
         try:
@@ -362,12 +356,7 @@ class RelayServer:
                     if not size:
                         break
                     tunnel.last_active_at = trio.current_time()
-                    if to_upstream:
-                        stats.bytes_to_upstream += size
-                        tunnel.bytes_to_upstream += size
-                    else:
-                        stats.bytes_to_client += size
-                        tunnel.bytes_to_client += size
+                    self._count(tunnel, size, to_upstream)
                     since_yield += 1
                     if since_yield >= YIELD_EVERY:
                         await trio.lowlevel.checkpoint()
@@ -383,24 +372,11 @@ class RelayServer:
                     break
                 tunnel.last_active_at = trio.current_time()
                 size = len(data)
-                try:
-                    written = os.write(dst_fd, data)
-                except BlockingIOError:
-                    written = 0
+                written = sockio.send_nowait(dst_fd, data)
                 if written < size:
-                    view = memoryview(data)[written:]
-                    while view:
-                        try:
-                            view = view[os.write(dst_fd, view) :]
-                        except BlockingIOError:
-                            await trio.lowlevel.wait_writable(dst_fd)  # back-pressure
-                            since_yield = 0
-                if to_upstream:
-                    stats.bytes_to_upstream += size
-                    tunnel.bytes_to_upstream += size
-                else:
-                    stats.bytes_to_client += size
-                    tunnel.bytes_to_client += size
+                    await sockio.send_all(dst_fd, data, written)  # back-pressure
+                    since_yield = 0
+                self._count(tunnel, size, to_upstream)
                 if size < CHUNK_BYTES:
                     # A short read emptied the socket buffer: the next read would almost surely
                     # be EAGAIN, so wait first (level-triggered: bytes that came since count).
@@ -421,6 +397,14 @@ class RelayServer:
             if pipe is not None:
                 os.close(pipe[0])
                 os.close(pipe[1])
+
+    def _count(self, tunnel: _Tunnel, size: int, to_upstream: bool) -> None:
+        if to_upstream:
+            self.stats.bytes_to_upstream += size
+            tunnel.bytes_to_upstream += size
+        else:
+            self.stats.bytes_to_client += size
+            tunnel.bytes_to_client += size
 
     async def _idle_watchdog(self, tunnel: _Tunnel, scope: trio.CancelScope) -> None:
         idle_s = self.relay.idle_timeout_s
