@@ -206,6 +206,7 @@ class DownstreamBody:
         "_client",
         "_deadline",
         "_decoder",
+        "_expect_continue",
         "_left",
         "_length",
         "_received",
@@ -216,6 +217,7 @@ class DownstreamBody:
 
     def __init__(self, client: ClientConnection, head: RequestHead) -> None:
         self._client = client
+        self._expect_continue = head.expect_continue
         self._length = head.content_length
         self._left = head.content_length or 0
         self._decoder = (
@@ -253,7 +255,7 @@ class DownstreamBody:
         if not self._started:
             self._started = True
             self._deadline = trio.current_time() + client.limits.body_read_timeout_s
-            if client.expect_continue and not buffer:
+            if self._expect_continue and not buffer:
                 await client.send(CONTINUE)
         decoder = self._decoder
         while True:
@@ -302,7 +304,6 @@ class ClientConnection:
 
     __slots__ = (
         "buffer",
-        "expect_continue",
         "fd",
         "head_method",
         "keep_alive",
@@ -326,7 +327,6 @@ class ClientConnection:
         # rejects still gets a bodiless answer if it was a HEAD.
         self.head_method = b""
         self.keep_alive = True
-        self.expect_continue = False
         self.response_started = False
         # The body of the request being served, while it may still be unread (None: none).
         self.request_body: DownstreamBody | None = None
@@ -417,7 +417,6 @@ class ClientConnection:
             raise _client_error(exc) from None
         # HTTP/1.0 clients get one response per connection: no `Connection: keep-alive` dance.
         self.keep_alive = head.keep_alive and head.version == b"1.1"
-        self.expect_continue = head.expect_continue
         return head
 
     async def _wait_for_request(self, idle_s: float) -> bytes | None:
