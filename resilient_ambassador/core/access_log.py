@@ -56,9 +56,9 @@ class AccessRecord:
 
     time: float  # wall clock (epoch seconds) when the request head was read
     listener: str
-    client_ip: str
-    method: str
-    target: str  # already redacted
+    client_ip: bytes
+    method: bytes  # b"-" for a request refused before its head was parsed
+    target: bytes  # as the client sent it: redacted when the line is formatted, off the request path
     status: int
     bytes_sent: int  # response body bytes written to the client
     duration_s: float
@@ -70,32 +70,37 @@ class AccessRecord:
     trace_id: str | None = None
 
 
-_second_cache: tuple[int, str] = (-1, "")
+_millisecond_cache: tuple[int, str] = (-1, "")
 
 
 def _timestamp(epoch: float) -> str:
-    """ISO 8601 UTC with milliseconds; the strftime part is reused within a second."""
-    global _second_cache
-    seconds = int(epoch)
-    millis = int((epoch - seconds) * 1000)
-    cached_second, prefix = _second_cache
-    if cached_second != seconds:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
-        _second_cache = (seconds, prefix)
-    return f"{prefix}.{millis:03d}Z"
+    """ISO 8601 UTC with milliseconds; a busy daemon logs many lines per millisecond, so the
+    last millisecond's text is reused."""
+    global _millisecond_cache
+    millis = int(epoch * 1000)
+    cached_millis, text = _millisecond_cache
+    if cached_millis != millis:
+        seconds, fraction = divmod(millis, 1000)
+        text = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{fraction:03d}Z"
+        _millisecond_cache = (millis, text)
+    return text
+
+
+_json_string = encode_basestring_ascii  # json's own C escaper
 
 
 def _s(value: str | None) -> str:
-    return "null" if value is None else encode_basestring_ascii(value)
+    return "null" if value is None else _json_string(value)
 
 
 def to_json(record: AccessRecord) -> str:
-    """One JSON object, built by hand: the request path pays for this line, and a dict plus
-    an encoder cost three times as much. Strings go through json's own C escaper."""
+    """One JSON object, built by hand: a dict plus an encoder cost three times as much."""
     o = record.outcome or _NO_OUTCOME
     return (
-        f'{{"time":"{_timestamp(record.time)}","listener":{_s(record.listener)},'
-        f'"client":{_s(record.client_ip)},"method":{_s(record.method)},"path":{_s(record.target)},'
+        f'{{"time":"{_timestamp(record.time)}","listener":{_json_string(record.listener)},'
+        f'"client":{_json_string(record.client_ip.decode("latin-1"))},'
+        f'"method":{_json_string(record.method.decode("latin-1"))},'
+        f'"path":{_json_string(redact_target(record.target))},'
         f'"status":{record.status},"bytes":{record.bytes_sent},'
         f'"duration_ms":{round(record.duration_s * 1000, 3)!r},'
         f'"route":{_s(record.route)},"upstream":{_s(record.upstream)},'
@@ -118,8 +123,8 @@ def to_text(record: AccessRecord) -> str:
     """nginx's combined-log order first (so the usual tools read it), then our fields."""
     outcome = record.outcome or _NO_OUTCOME
     fields = [
-        f"{record.client_ip} - - [{_timestamp(record.time)}]",
-        f'"{record.method} {_escape(record.target)}"',
+        f"{record.client_ip.decode('latin-1')} - - [{_timestamp(record.time)}]",
+        f'"{record.method.decode("latin-1")} {_escape(redact_target(record.target))}"',
         str(record.status),
         str(record.bytes_sent),
         f"{record.duration_s * 1000:.3f}ms",

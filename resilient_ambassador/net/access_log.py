@@ -1,9 +1,11 @@
 """The access log sink: formats records on the event loop, writes them in batches off it.
 
 A write to stdout blocks when whoever reads the pipe (the kubelet, a log shipper) falls
-behind; that must never stall traffic. Lines collect in memory and a background task writes
-them every `FLUSH_INTERVAL_S` (or sooner when `FLUSH_BYTES` pile up) in a worker thread.
-If the output stays stuck until `MAX_PENDING_BYTES` are waiting, new lines are dropped and
+behind; that must never stall traffic. Records collect in memory and a background task formats
+them and writes the lines every `FLUSH_INTERVAL_S` (or sooner when `FLUSH_RECORDS` pile up) in
+a worker thread. Formatting a batch in one loop costs about half of formatting each record on
+the request path (measured: bench/README.md), and the request no longer waits for it.
+If the output stays stuck until `MAX_PENDING_RECORDS` are waiting, new records are dropped and
 counted rather than buffered without bound: losing log lines beats losing requests.
 Known secret values are scrubbed from each batch just before it is written.
 """
@@ -27,8 +29,8 @@ from resilient_ambassador.core.log_throttle import LogThrottle
 log = logging.getLogger("resilient_ambassador.access_log")
 
 FLUSH_INTERVAL_S = 0.2
-FLUSH_BYTES = 64 * 1024
-MAX_PENDING_BYTES = 4 * 1024 * 1024
+FLUSH_RECORDS = 256  # about 100 KiB of JSON lines
+MAX_PENDING_RECORDS = 16_384  # about 6 MiB of lines, a few seconds of a busy daemon
 STDOUT = "-"
 
 
@@ -45,8 +47,7 @@ class AccessLog:
         self._path = config.path
         self._fd = fd
         self._owns_fd = False
-        self._pending: list[str] = []
-        self._pending_bytes = 0
+        self._pending: list[AccessRecord] = []
         # An idle daemon has no timer running here: the loop sleeps until a line arrives.
         self._has_lines = trio.Event()
         self._full = trio.Event()
@@ -57,16 +58,15 @@ class AccessLog:
         self.write_errors = 0
 
     def record(self, record: AccessRecord) -> None:
-        line = self._format(record)
-        if self._pending_bytes >= MAX_PENDING_BYTES:
+        pending = self._pending
+        if len(pending) >= MAX_PENDING_RECORDS:
             self.dropped += 1
             return
-        if not self._pending:
+        if not pending:
             self._has_lines.set()
-        self._pending.append(line)
-        self._pending_bytes += len(line) + 1
+        pending.append(record)
         self.lines += 1
-        if self._pending_bytes >= FLUSH_BYTES:
+        if len(pending) == FLUSH_RECORDS:
             self._full.set()
 
     def open(self) -> None:
@@ -93,9 +93,8 @@ class AccessLog:
     async def flush(self) -> None:
         if not self._pending:
             return
-        batch = scrub("\n".join(self._pending) + "\n", self._secret_values())
-        self._pending = []
-        self._pending_bytes = 0
+        records, self._pending = self._pending, []
+        batch = scrub("\n".join(map(self._format, records)) + "\n", self._secret_values())
         data = batch.encode("utf-8", "backslashreplace")
         # Abandoned on cancel: a stuck stdout must not hold up a drain. The lock keeps a later
         # flush from interleaving with an abandoned one that wakes up.

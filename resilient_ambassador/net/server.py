@@ -20,7 +20,7 @@ from typing import final
 
 import trio
 
-from resilient_ambassador.core.access_log import AccessRecord, redact_target
+from resilient_ambassador.core.access_log import AccessRecord
 from resilient_ambassador.core.config import ClientLimits, ListenerConfig, RouteConfig
 from resilient_ambassador.core.errors import (
     ClientError,
@@ -543,9 +543,9 @@ class ClientConnection:
             AccessRecord(
                 time=time.time() - (now - started),
                 listener=self.server.config.name,
-                client_ip=self.peer_ip.decode("latin-1"),
-                method=head.method.decode("latin-1") if head is not None else "-",
-                target=redact_target(head.target) if head is not None else "-",
+                client_ip=self.peer_ip,
+                method=head.method if head is not None else b"-",
+                target=head.target if head is not None else b"-",
                 status=status,
                 bytes_sent=sent,
                 duration_s=now - started,
