@@ -98,8 +98,12 @@ def parse_delta_seconds(value: str | None) -> int:
     return min(int(value), MAX_DELTA_S)
 
 
+NO_DIRECTIVES = CacheControl({})  # shared: nothing mutates a parsed CacheControl
+
+
 def cache_control(headers: Headers) -> CacheControl:
-    return parse_cache_control(v for n, v in headers if n == b"cache-control")
+    values = [v for n, v in headers if n == b"cache-control"]
+    return parse_cache_control(values) if values else NO_DIRECTIVES
 
 
 def parse_http_date(value: bytes | None) -> float | None:

@@ -8,6 +8,8 @@ what to do; the stores keep the resulting `CachedEntry` as it is.
 from __future__ import annotations
 
 import enum
+import functools
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -23,7 +25,7 @@ from resilient_ambassador.core.cache_control import (
     weak_match,
 )
 from resilient_ambassador.core.config import RouteCacheConfig
-from resilient_ambassador.core.fingerprint import fingerprint
+from resilient_ambassador.core.fingerprint import encode_parts, fingerprint
 from resilient_ambassador.core.headers import HOP_BY_HOP
 from resilient_ambassador.core.messages import Headers, header_value
 
@@ -125,7 +127,11 @@ def request_wants_revalidation(cc: CacheControl) -> bool:
 
 
 def has_credentials(headers: Headers) -> bool:
-    return any(n in _CREDENTIAL_REQUEST_HEADERS for n, _ in headers)
+    # A loop, not any() over a generator: this runs on every cache lookup.
+    for name, _ in headers:  # noqa: SIM110
+        if name in _CREDENTIAL_REQUEST_HEADERS:
+            return True
+    return False
 
 
 def not_stored_reason(
@@ -323,14 +329,22 @@ def usable_on_error(entry: CachedEntry, now: float) -> bool:
 def not_modified(request_headers: Headers, response: Sequence[tuple[bytes, bytes]]) -> bool:
     """RFC 9110 13.1.2/13.1.3 for the client's own GET/HEAD against a (stored) response's
     headers: If-None-Match (weak comparison) wins; If-Modified-Since only without it."""
-    inm = [v for n, v in request_headers if n == b"if-none-match"]
+    inm: list[bytes] = []
+    since_raw: bytes | None = None
+    for name, value in request_headers:
+        if name == b"if-none-match":
+            inm.append(value)
+        elif name == b"if-modified-since" and since_raw is None:
+            since_raw = value
     if inm:
         etag = _first(response, b"etag")
         tags = [t for value in inm for t in entity_tags(value)]
         if b"*" in tags:
             return True
         return etag is not None and any(weak_match(t, etag) for t in tags)
-    since = parse_http_date(header_value(request_headers, b"if-modified-since"))
+    if since_raw is None:
+        return False  # the usual request: no conditional at all
+    since = parse_http_date(since_raw)
     if since is None:
         return False
     modified = parse_http_date(_first(response, b"last-modified"))
@@ -411,24 +425,35 @@ class KeyBuilder:
     (so a primed entry never answers a plain request). One pass over the request headers and
     one hash per request: this runs on every hit. No raw client input or credential in a key."""
 
-    __slots__ = ("_names", "_route", "_wanted")
+    __slots__ = ("_names", "_none_found", "_route_hash", "_wanted")
 
     def __init__(self, route: str, key_headers: Sequence[bytes]) -> None:
-        self._route = route.encode()
+        # The same key as fingerprint([route, target, partition, *markers], domain=b"cache"),
+        # with the route hashed once, and the markers of a request without any of the headers
+        # (the usual one) encoded once.
+        self._route_hash = hashlib.blake2b(b"cache", digest_size=16)
+        self._route_hash.update(encode_parts([route.encode()]))
         self._names = (*key_headers, *UNKEYED_OVERRIDES)
         self._wanted = frozenset(self._names)
+        self._none_found = encode_parts([b"\x00"] * len(self._names))
 
     def key(self, target: bytes, partition: str, headers: Headers) -> str:
         wanted = self._wanted
-        found: dict[bytes, bytes] = {}
+        found: dict[bytes, bytes] | None = None
         for name, value in headers:
             if name in wanted:
+                if found is None:
+                    found = {}
                 found[name] = found[name] + b", " + value if name in found else value
-        parts = [self._route, target, partition.encode()]
-        for name in self._names:
-            seen = found.get(name)
-            parts.append(b"\x00" if seen is None else b"=" + seen)
-        return fingerprint(parts, domain=b"cache")
+        if found is None:
+            markers = self._none_found
+        else:
+            markers = encode_parts(
+                [b"\x00" if (seen := found.get(name)) is None else b"=" + seen for name in self._names]
+            )
+        h = self._route_hash.copy()
+        h.update(encode_parts([target, partition.encode()]) + markers)
+        return h.hexdigest()
 
 
 def response_headers(entry: CachedEntry, now: float) -> Headers:
@@ -454,6 +479,16 @@ def same_origin_paths(headers: Headers, authority: bytes) -> list[bytes]:
                 if host.lower() == authority.lower():
                     out.append(slash + path if slash else b"/")
     return out
+
+
+def hit_status(ttl_s: float) -> bytes:
+    """`cache_status(hit=True, ttl_s=ttl_s)`, memoised per whole second: every hit sends one."""
+    return _hit_status(math.floor(ttl_s))
+
+
+@functools.lru_cache(maxsize=4096)
+def _hit_status(ttl: int) -> bytes:
+    return cache_status(hit=True, ttl_s=ttl)
 
 
 def cache_status(

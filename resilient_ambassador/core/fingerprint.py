@@ -15,7 +15,11 @@ def fingerprint(parts: Iterable[bytes], *, domain: bytes) -> str:
     """A 32-hex-digit hash of `parts` (length-prefixed, so ("ab", "c") != ("a", "bc")).
     `domain` separates uses: a cache key never equals a rate-limit key for the same parts."""
     h = hashlib.blake2b(domain, digest_size=16)
-    for part in parts:
-        h.update(len(part).to_bytes(4, "big"))
-        h.update(part)
+    h.update(encode_parts(parts))
     return h.hexdigest()
+
+
+def encode_parts(parts: Iterable[bytes]) -> bytes:
+    """`parts` as `fingerprint` hashes them, for a caller that hashes a constant prefix once
+    (`hashlib`'s `copy()`) and appends the parts that vary: the keys come out the same."""
+    return b"".join([len(part).to_bytes(4, "big") + part for part in parts])

@@ -9,8 +9,6 @@ on the way through.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import final
 
 from resilient_ambassador.core.config import ClientLimits
 from resilient_ambassador.core.errors import ClientError
@@ -44,17 +42,9 @@ MAX_AMBASSADOR_HOPS = 5
 HEAD_END = b"\r\n\r\n"
 
 
-@final
-@dataclass(frozen=True, slots=True)
-class HeadScan:
-    """Result of scanning buffered bytes for a complete request head."""
-
-    complete: bool
-    head_length: int = 0  # bytes up to and including the blank line, when complete
-
-
-def scan_request_head(buf: bytes | bytearray, limits: ClientLimits) -> HeadScan:
-    """Find the end of the request head in `buf` and enforce our limits on its raw bytes.
+def scan_request_head(buf: bytes | bytearray, limits: ClientLimits) -> int:
+    """The length of the request head at the start of `buf` (up to and including the blank
+    line), or 0 while it is incomplete; our limits are enforced on its raw bytes.
 
     Raises ClientError (414/431/400). Runs on every read before the head is parsed, so an
     oversized head is refused as soon as it is, not once it is complete.
@@ -71,7 +61,7 @@ def scan_request_head(buf: bytes | bytearray, limits: ClientLimits) -> HeadScan:
             raise ClientError(414, "uri_too_long", "request line too long")
         if b"\n" in buf:
             raise ClientError(400, "bad_request", "bare LF in request head")
-        return HeadScan(complete=False)
+        return 0
     if line_end - start > limits.max_request_line_bytes:
         raise ClientError(414, "uri_too_long", "request line too long")
     if end == -1:
@@ -79,19 +69,20 @@ def scan_request_head(buf: bytes | bytearray, limits: ClientLimits) -> HeadScan:
             raise ClientError(431, "headers_too_large", "request headers too large")
         if buf.count(b"\n", start) != buf.count(b"\r\n", start):
             raise ClientError(400, "bad_request", "bare LF in request head")
-        return HeadScan(complete=False)
-    head = bytes(buf[start : end + 4])
-    if head.count(b"\n") != head.count(b"\r\n"):
+        return 0
+    head_end = end + 4
+    lines = buf.count(b"\r\n", start, head_end)
+    if buf.count(b"\n", start, head_end) != lines:
         raise ClientError(400, "bad_request", "bare LF in request head")
-    if b"\n " in head or b"\n\t" in head:
+    if buf.find(b"\n ", start, head_end) != -1 or buf.find(b"\n\t", start, head_end) != -1:
         # RFC 9112 5.2: a server MUST reject obs-fold (or replace it); a proxy that joins
         # lines differently from the upstream enables smuggling.
         raise ClientError(400, "bad_request", "obsolete line folding in request head")
-    if len(head) - (line_end - start) > limits.max_header_bytes + 4:
+    if head_end - start - (line_end - start) > limits.max_header_bytes + 4:
         raise ClientError(431, "headers_too_large", "request headers too large")
-    if head.count(b"\r\n") - 2 > limits.max_header_count:
+    if lines - 2 > limits.max_header_count:
         raise ClientError(431, "headers_too_large", "too many request header fields")
-    return HeadScan(complete=True, head_length=end + 4)
+    return head_end
 
 
 def check_request(method: bytes, target: bytes) -> None:

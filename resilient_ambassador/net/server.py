@@ -390,10 +390,10 @@ class ClientConnection:
                 while buffer.startswith(b"\r\n"):  # RFC 9112 2.2: ignore empty lines before a request
                     del buffer[:2]
                 self.head_method = bytes(buffer[:5])  # before the scan, which may reject the head
-                scan = scan_request_head(buffer, limits)
-                if scan.complete:
-                    raw = bytes(buffer[: scan.head_length])
-                    del buffer[: scan.head_length]
+                head_length = scan_request_head(buffer, limits)
+                if head_length:
+                    raw = bytes(buffer[:head_length])
+                    del buffer[:head_length]
                     break
                 if deadline is None:
                     deadline = trio.current_time() + limits.header_read_timeout_s
@@ -600,6 +600,8 @@ class ClientConnection:
             self.response_started = True
             self.server.count_response(status)
             body = response.body
+            if type(body) is BufferedBody:  # a cache hit or our own answer: one write, no iteration
+                return await self._send_whole(out, body.data, length, bodiless, chunked)
             if not body.ready():
                 await self.send(out)
                 out = b""
@@ -629,6 +631,25 @@ class ClientConnection:
             raise ClientGone(exc.reason) from None
         finally:
             response.release()
+
+    async def _send_whole(
+        self, head: bytes, data: bytes, length: int | None, bodiless: bool, chunked: bool
+    ) -> int:
+        """`_respond` for a body already in memory, with the same checks."""
+        if bodiless:
+            if data:
+                self._log_abort("response_aborted", "content in a bodiless response")
+                raise ClientGone("response_aborted")
+            await self.send(head)
+            return 0
+        if length is not None and len(data) != length:
+            longer = len(data) > length
+            self._log_abort(
+                "response_aborted", f"body {'longer' if longer else 'shorter'} than its Content-Length"
+            )
+            raise ClientGone("response_aborted")
+        await self.send(head + (chunk_bytes(data) + LAST_CHUNK if chunked else data))
+        return len(data)
 
     def _log_abort(self, reason: str, message: str) -> None:
         # Throttled like every per-request warning: an upstream resetting mid-body at 1,000

@@ -36,6 +36,7 @@ from resilient_ambassador.core.cache_rules import (
     freshness,
     has_credentials,
     has_validators,
+    hit_status,
     merge_not_modified,
     never_usable,
     not_modified,
@@ -163,7 +164,7 @@ class CacheStage:
             if state is Freshness.FRESH:
                 self.stats.hits += 1
                 request.outcome.cache = "hit"
-                return self._answer(request, entry, now, cache_status(hit=True, ttl_s=entry.ttl_s(now)))
+                return self._answer(request, entry, now, hit_status(entry.ttl_s(now)))
         # Every variant of the URL shares this one: what an unsafe method invalidates.
         url = url_key(self._route, request.target, partition)
         if entry is None:
