@@ -425,14 +425,16 @@ class KeyBuilder:
     (so a primed entry never answers a plain request). One pass over the request headers and
     one hash per request: this runs on every hit. No raw client input or credential in a key."""
 
-    __slots__ = ("_names", "_none_found", "_route_hash", "_wanted")
+    __slots__ = ("_names", "_none_found", "_route_hash", "_url_hash", "_wanted")
 
     def __init__(self, route: str, key_headers: Sequence[bytes]) -> None:
         # The same key as fingerprint([route, target, partition, *markers], domain=b"cache"),
         # with the route hashed once, and the markers of a request without any of the headers
-        # (the usual one) encoded once.
+        # (the usual one) encoded once. `url` likewise gives `url_key`'s keys.
         self._route_hash = hashlib.blake2b(b"cache", digest_size=16)
         self._route_hash.update(encode_parts([route.encode()]))
+        self._url_hash = hashlib.blake2b(b"cache-url", digest_size=16)
+        self._url_hash.update(encode_parts([route.encode()]))
         self._names = (*key_headers, *UNKEYED_OVERRIDES)
         self._wanted = frozenset(self._names)
         self._none_found = encode_parts([b"\x00"] * len(self._names))
@@ -452,8 +454,19 @@ class KeyBuilder:
                 [b"\x00" if (seen := found.get(name)) is None else b"=" + seen for name in self._names]
             )
         h = self._route_hash.copy()
-        h.update(encode_parts([target, partition.encode()]) + markers)
+        h.update(_target_and_partition(target, partition) + markers)
         return h.hexdigest()
+
+    def url(self, target: bytes, partition: str) -> str:
+        """`url_key(route, target, partition)`."""
+        h = self._url_hash.copy()
+        h.update(_target_and_partition(target, partition))
+        return h.hexdigest()
+
+
+def _target_and_partition(target: bytes, partition: str) -> bytes:
+    encoded = partition.encode()
+    return len(target).to_bytes(4, "big") + target + len(encoded).to_bytes(4, "big") + encoded
 
 
 def response_headers(entry: CachedEntry, now: float) -> Headers:

@@ -47,7 +47,6 @@ from resilient_ambassador.core.cache_rules import (
     response_headers,
     revalidation_headers,
     same_origin_paths,
-    url_key,
     usable_on_error,
     vary_matches,
 )
@@ -166,7 +165,7 @@ class CacheStage:
                 request.outcome.cache = "hit"
                 return self._answer(request, entry, now, hit_status(entry.ttl_s(now)))
         # Every variant of the URL shares this one: what an unsafe method invalidates.
-        url = url_key(self._route, request.target, partition)
+        url = self._keys.url(request.target, partition)
         if entry is None:
             return await self._miss(request, req_cc, key, url, fwd)
         if state is Freshness.STALE_WHILE_REVALIDATE and self._refresh_later(request, entry, key, url):
@@ -502,7 +501,7 @@ class CacheStage:
         if response.status < 400:
             partition = self._partition()
             for target in (request.target, *same_origin_paths(response.headers, self._authority)):
-                self._store.invalidate(url_key(self._route, target, partition))
+                self._store.invalidate(self._keys.url(target, partition))
                 self.stats.invalidations += 1
         return _with_status(response, cache_status(fwd="method"))
 

@@ -43,11 +43,12 @@ PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePro
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "QUERY"}
 )
+_METHOD_ATTRIBUTE = {m.encode(): m for m in KNOWN_METHODS}
 
 
 def _method(request: Request) -> str:
-    method = request.method.decode("latin-1")
-    return method if method in KNOWN_METHODS else "_OTHER"
+    """`http.request.method`: the method, or `_OTHER` for one the conventions do not know."""
+    return _METHOD_ATTRIBUTE.get(request.method, "_OTHER")
 
 
 def _carrier(headers: Headers) -> dict[str, str]:
