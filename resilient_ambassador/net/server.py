@@ -538,23 +538,25 @@ class ClientConnection:
     ) -> None:
         access_log = self.server.access_log
         assert access_log is not None
-        now = trio.current_time()
+        elapsed = trio.current_time() - started
+        outcome = request.outcome if request is not None else None
+        # Positional, in field order: this runs for every request.
         access_log.record(
             AccessRecord(
-                time=time.time() - (now - started),
-                listener=self.server.config.name,
-                client_ip=self.peer_ip,
-                method=head.method if head is not None else b"-",
-                target=head.target if head is not None else b"-",
-                status=status,
-                bytes_sent=sent,
-                duration_s=now - started,
-                route=(route.config.name or None) if route is not None else None,
-                upstream=route.config.upstream if route is not None else None,
-                outcome=request.outcome if request is not None else None,
-                reason=reason,
-                aborted=aborted,
-                trace_id=request.outcome.trace_id if request is not None else None,
+                time.time() - elapsed,
+                self.server.config.name,
+                self.peer_ip,
+                head.method if head is not None else b"-",
+                head.target if head is not None else b"-",
+                status,
+                sent,
+                elapsed,
+                (route.config.name or None) if route is not None else None,
+                route.config.upstream if route is not None else None,
+                outcome,
+                reason,
+                aborted,
+                outcome.trace_id if outcome is not None else None,
             )
         )
 
