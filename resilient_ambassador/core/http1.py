@@ -159,6 +159,8 @@ def declared_length(headers: Headers) -> int | None:
 
 def _keep_alive(version: bytes, connection: list[bytes]) -> bool:
     """RFC 9112 9.3: HTTP/1.1 persists unless `close`; HTTP/1.0 only with `keep-alive`."""
+    if not connection:
+        return version == b"1.1"
     tokens = {t.strip(b" \t").lower() for value in connection for t in value.split(b",")}
     return b"close" not in tokens and (version == b"1.1" or b"keep-alive" in tokens)
 
