@@ -26,7 +26,7 @@ class Router:
     """Picks the route for a request. Routes with a Host match win over those without; among
     those, the longest prefix wins; ties keep config order."""
 
-    __slots__ = ("_routes",)
+    __slots__ = ("_by_host", "_routes")
 
     def __init__(self, routes: Sequence[RouteConfig]) -> None:
         keyed = [
@@ -42,11 +42,13 @@ class Router:
         ]
         keyed.sort(key=lambda k: (k[0], k[1], k[2]))
         self._routes = [(prefix, host, route) for _, _, _, prefix, host, route in keyed]
+        self._by_host = any(host is not None for _, host, _ in self._routes)
 
     def match(self, host: bytes | None, target: bytes) -> tuple[RouteConfig, bytes] | None:
         """The route and the target rewritten for the upstream, or None (404)."""
         path = target.split(b"?", 1)[0]
-        bare_host = None if host is None else host_without_port(host)
+        # Without a host-matched route (the usual sidecar), the Host header is not looked at.
+        bare_host = host_without_port(host) if host is not None and self._by_host else None
         for prefix, route_host, route in self._routes:
             if route_host is not None and route_host != bare_host:
                 continue

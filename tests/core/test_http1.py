@@ -341,7 +341,10 @@ def _h11_response(data: bytes, method: bytes) -> tuple[h11.Response, list[object
             if isinstance(event, h11.EndOfMessage):
                 break
     except h11.RemoteProtocolError:
-        return None
+        # A head h11 accepted, then a body cut short by the end of the data (these heads come
+        # without their body): the head itself was fine.
+        if not any(isinstance(e, h11.Response) for e in events):
+            return None
     responses = [e for e in events if isinstance(e, h11.Response)]
     return (responses[0], events) if responses else None
 
