@@ -233,6 +233,9 @@ def _kept_after_stale_s(no_stale: bool, swr_s: float, sie_s: float, has_validato
     return max(windows, VALIDATOR_KEEP_S) if has_validator else windows
 
 
+_FRESHNESS_AND_VALIDATOR_FIELDS = frozenset({b"expires", b"etag", b"last-modified"})
+
+
 def _no_stale(cc: CacheControl) -> bool:
     return any(cc.has(d) for d in ("must-revalidate", "proxy-revalidate", "s-maxage", "no-cache"))
 
@@ -243,6 +246,19 @@ def never_usable(
     """No request could ever be answered from this response: no freshness, no stale window and
     no validator. Decided without building the entry: the usual uncacheable response costs the
     miss path nothing more."""
+    if (
+        not cc.directives
+        and not config.stale_while_revalidate_s
+        and not config.stale_if_error_s
+        and (config.default_ttl_s is None or status not in HEURISTIC_STATUSES)
+    ):
+        # The usual API response, decided in one pass: no caching fields at all (Expires and
+        # the validators included, and so no heuristic), on a route that adds no freshness.
+        for name, _ in headers:
+            if name in _FRESHNESS_AND_VALIDATOR_FIELDS:
+                break
+        else:
+            return True
     if freshness_lifetime(status, headers, cc, response_time, config) > 0:
         return False
     has_validator = (

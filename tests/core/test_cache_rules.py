@@ -315,6 +315,8 @@ def test_parse_helper_used_by_requests() -> None:
         ([], ON, True),  # no freshness, no stale window, no validator: the usual API answer
         ([(b"cache-control", b"max-age=60")], ON, False),
         ([(b"etag", b'"v1"')], ON, False),  # kept to revalidate with
+        ([(b"expires", b"Thu, 01 Jan 2099 00:00:00 GMT")], ON, False),
+        ([(b"content-type", b"application/json"), (b"x-other", b"1")], ON, True),
         ([(b"last-modified", b"Mon, 23 Nov 2026 10:00:00 GMT")], ON, False),
         ([(b"cache-control", b"stale-if-error=60")], ON, False),
         ([(b"cache-control", b"must-revalidate, stale-if-error=60")], ON, True),  # no stale use
