@@ -39,7 +39,7 @@ from resilient_ambassador.core.http1 import (
     request_head_bytes,
     valid_field_value,
 )
-from resilient_ambassador.core.messages import Request, Response, header_value
+from resilient_ambassador.core.messages import EMPTY_BODY, BufferedBody, Request, Response, header_value
 from resilient_ambassador.net import sockio
 from resilient_ambassador.net.resolver import Resolver
 from resilient_ambassador.net.tls import client_context
@@ -462,6 +462,18 @@ class UpstreamClient:
         if head.chunked and head.content_length is None and any(n == b"content-length" for n, _ in forwarded):
             # RFC 9112 6.3: Transfer-Encoding wins over a Content-Length sent with it.
             forwarded = [(n, v) for n, v in forwarded if n != b"content-length"]
+        length = head.content_length
+        if length is not None and not head.chunked and len(conn.buffer) >= length:
+            # The whole body came with the head (most API answers): take it, and give the
+            # connection back now rather than when the client has been answered.
+            buffer = conn.buffer
+            body = BufferedBody(bytes(buffer[:length])) if length else EMPTY_BODY
+            del buffer[:length]
+            if buffer:
+                self.pool.discard(conn)  # bytes after the body: nothing we asked for
+            else:
+                self.pool.release(conn)
+            return Response(status=head.status, headers=forwarded, body=body, reason=head.reason)
         upstream_body = UpstreamBody(conn, head, self.config.timeouts.read_idle_s, name)
 
         def release() -> None:
