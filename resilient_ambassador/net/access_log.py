@@ -3,8 +3,9 @@
 A write to stdout blocks when whoever reads the pipe (the kubelet, a log shipper) falls
 behind; that must never stall traffic. Records collect in memory and a background task formats
 them and writes the lines every `FLUSH_INTERVAL_S` (or sooner when `FLUSH_RECORDS` pile up) in
-a worker thread. Formatting a batch in one loop costs about half of formatting each record on
-the request path (measured: bench/README.md), and the request no longer waits for it.
+a worker thread. Formatting a batch in one loop costs less than half of formatting each record
+on the request path (a cache hit paid 23 us for its line, now about 10: docs/benchmarks.md),
+and the request no longer waits for it.
 If the output stays stuck until `MAX_PENDING_RECORDS` are waiting, new records are dropped and
 counted rather than buffered without bound: losing log lines beats losing requests.
 Known secret values are scrubbed from each batch just before it is written.
