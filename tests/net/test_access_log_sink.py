@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from resilient_ambassador.net.access_log import _atomic_chunks
+from resilient_ambassador.core.access_log import AccessRecord
+from resilient_ambassador.core.config import AccessLogConfig
+from resilient_ambassador.net.access_log import MAX_PENDING_RECORDS, AccessLog, _atomic_chunks
 
 
 @given(st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=40))
@@ -14,3 +19,31 @@ def test_chunks_end_at_line_ends_and_fit_the_atomic_limit(lengths: list[int]) ->
     for chunk in chunks:
         assert chunk.endswith(b"\n")
         assert len(chunk) <= 256 or chunk.count(b"\n") == 1  # only an over-long line stands alone
+
+
+def _record(target: bytes) -> AccessRecord:
+    return AccessRecord(0.5, "main", b"10.0.0.1", b"GET", target, 200, 3, 0.001)
+
+
+async def test_records_are_formatted_and_redacted_when_the_batch_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(AccessLogConfig(path=str(path)), secret_values=lambda: {"s3cr3t"})
+    log.open()
+    log.record(_record(b"/a?api_key=k1&page=2"))
+    log.record(_record(b"/b/s3cr3t"))
+    assert path.read_bytes() == b""  # nothing is formatted or written on the request path
+    await log.aclose()
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [entry["path"] for entry in lines] == ["/a?api_key=REDACTED&page=2", "/b/REDACTED"]
+
+
+async def test_records_beyond_the_bound_are_dropped_and_counted(tmp_path: Path) -> None:
+    # A stdout nobody reads: records pile up to the bound, then new ones are counted and dropped.
+    path = tmp_path / "access.log"
+    log = AccessLog(AccessLogConfig(path=str(path)))
+    log.open()
+    for n in range(MAX_PENDING_RECORDS + 5):
+        log.record(_record(b"/%d" % n))
+    assert (log.lines, log.dropped) == (MAX_PENDING_RECORDS, 5)
+    await log.aclose()
+    assert len(path.read_text().splitlines()) == MAX_PENDING_RECORDS
