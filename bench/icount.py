@@ -4,8 +4,9 @@ Requests per second on a shared VM swing by 10-30% from one minute to the next (
 CPU frequency, which core the scheduler picks), so a 3% change to the hot path cannot be seen
 in `run.py`'s ratios without many rounds. Valgrind's callgrind counts the instructions a process
 executes, whatever else the machine is doing: two runs of the same code agree to within about
-3% (the daemon's access-log flushes and timers fall differently), where req/s moves by 30%. This runs each server under callgrind twice, serving N1 and then N2 requests
-over one keep-alive connection, and reports (Ir(N2) - Ir(N1)) / (N2 - N1): start-up, imports
+3% (the daemon's access-log flushes and timers fall differently), where req/s moves by 30%.
+This runs each server under callgrind twice, serving N1 and then N2 requests over one
+keep-alive connection, and reports (Ir(N2) - Ir(N1)) / (N2 - N1): start-up, imports
 and shutdown cancel out. Only user-space instructions are counted (not the kernel's socket
 work, about a fifth of the CPU a request costs), and instructions are not cycles (cache
 misses are not seen), so the ratios here are a floor-to-ceiling guide for `run.py`'s, not a
@@ -30,9 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench.servers import LOOPBACK, daemon_argv, start_server
+from servers import LOOPBACK, daemon_argv, start_server
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
