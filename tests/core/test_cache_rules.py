@@ -327,19 +327,6 @@ def test_parse_helper_used_by_requests() -> None:
 def test_never_usable_agrees_with_the_entry_it_would_build(
     headers: Headers, route: RouteCacheConfig, never: bool
 ) -> None:
-    now = 1000.0
-    assert never_usable(200, headers, cache_control(headers), now, route) is never
-    entry = build_entry(
-        key="k",
-        url_key="u",
-        target=b"/",
-        request_headers=[],
-        status=200,
-        reason=b"OK",
-        headers=headers,
-        body=b"",
-        request_time=now,
-        response_time=now,
-        config=route,
-    )
-    assert (entry.storage_ttl_s(now) <= 0) is never
+    assert never_usable(200, headers, cache_control(headers), NOW, route) is never
+    built = entry(headers, config=route)
+    assert (built.storage_ttl_s(NOW) <= 0) is never
