@@ -25,7 +25,7 @@ from resilient_ambassador.core.cache_control import (
     weak_match,
 )
 from resilient_ambassador.core.config import RouteCacheConfig
-from resilient_ambassador.core.fingerprint import encode_parts, fingerprint
+from resilient_ambassador.core.fingerprint import encode_parts
 from resilient_ambassador.core.headers import HOP_BY_HOP
 from resilient_ambassador.core.messages import Headers, header_value
 
@@ -429,11 +429,6 @@ def merge_not_modified(
     )
 
 
-def url_key(route: str, target: bytes, partition: str) -> str:
-    """Every variant of one URL on one route and credential: what invalidation removes."""
-    return fingerprint([route.encode(), target, partition.encode()], domain=b"cache-url")
-
-
 @final
 class KeyBuilder:
     """Entry keys for one route: a hash of the route, the target, the credential partition,
@@ -444,13 +439,15 @@ class KeyBuilder:
     __slots__ = ("_names", "_none_found", "_route_hash", "_url_hash", "_wanted")
 
     def __init__(self, route: str, key_headers: Sequence[bytes]) -> None:
-        # The same key as fingerprint([route, target, partition, *markers], domain=b"cache"),
-        # with the route hashed once, and the markers of a request without any of the headers
-        # (the usual one) encoded once. `url` likewise gives `url_key`'s keys.
+        # Keys are fingerprint([route, target, partition, *markers], domain=b"cache") and URL
+        # keys fingerprint([route, target, partition], domain=b"cache-url"), computed with the
+        # route hashed once, and the markers of a request without any of the headers (the
+        # usual one) encoded once.
+        route_part = encode_parts([route.encode()])
         self._route_hash = hashlib.blake2b(b"cache", digest_size=16)
-        self._route_hash.update(encode_parts([route.encode()]))
+        self._route_hash.update(route_part)
         self._url_hash = hashlib.blake2b(b"cache-url", digest_size=16)
-        self._url_hash.update(encode_parts([route.encode()]))
+        self._url_hash.update(route_part)
         self._names = (*key_headers, *UNKEYED_OVERRIDES)
         self._wanted = frozenset(self._names)
         self._none_found = encode_parts([b"\x00"] * len(self._names))
@@ -474,7 +471,7 @@ class KeyBuilder:
         return h.hexdigest()
 
     def url(self, target: bytes, partition: str) -> str:
-        """`url_key(route, target, partition)`."""
+        """Every variant of one URL on this route and credential: what invalidation removes."""
         h = self._url_hash.copy()
         h.update(_target_and_partition(target, partition))
         return h.hexdigest()

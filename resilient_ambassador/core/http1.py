@@ -226,11 +226,11 @@ def parse_request_head(head: bytes) -> RequestHead:
     if len(hosts) > 1 or (not hosts and version == b"1.1"):
         # RFC 9112 3.2: exactly one Host in HTTP/1.1; several are refused in any version.
         raise FramingError("more than one Host header" if hosts else "missing Host header")
-    headers, content_length = _declared(headers, lengths) if lengths else (headers, None)
+    headers, content_length = _declared(headers, lengths)
     if codings and lengths:
         # RFC 9112 6.3: may be a smuggling attempt; a proxy MUST NOT forward both.
         raise FramingError("both Content-Length and Transfer-Encoding")
-    chunked = _chunked(codings) if codings else False
+    chunked = _chunked(codings)
     # RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is handled, then the connection is closed.
     keep_alive = _keep_alive(version, connection) and not (chunked and version == b"1.0")
     expect_continue = (

@@ -588,8 +588,7 @@ class ClientConnection:
             length = None if bodiless else declared_length(headers)
         except FramingError:
             response.release()
-            self._log_abort("response_aborted", "invalid Content-Length in the response")
-            raise ClientGone("response_aborted") from None
+            raise self._aborted("invalid Content-Length in the response") from None
         chunked = not bodiless and length is None and self.keep_alive
         if not bodiless and length is None and not chunked:
             self.keep_alive = False  # close-delimited: the end of the body is our close
@@ -601,8 +600,7 @@ class ClientConnection:
             try:
                 out = response_head_bytes(status, response.reason or _phrase(status), headers)
             except ValueError:
-                self._log_abort("response_aborted", "invalid response header")
-                raise ClientGone("response_aborted") from None
+                raise self._aborted("invalid response header") from None
             self.response_started = True
             self.server.count_response(status)
             body = response.body
@@ -615,19 +613,16 @@ class ClientConnection:
                 sent += len(chunk)
                 if bodiless:
                     if chunk:
-                        self._log_abort("response_aborted", "content in a bodiless response")
-                        raise ClientGone("response_aborted")
+                        raise self._aborted("content in a bodiless response")
                     continue
                 if length is not None and sent > length:
-                    self._log_abort("response_aborted", "body longer than its Content-Length")
-                    raise ClientGone("response_aborted")
+                    raise self._aborted("body longer than its Content-Length")
                 out += chunk_bytes(chunk) if chunked else chunk
                 if len(out) >= FLUSH_BYTES or not body.ready():
                     await self.send(out)
                     out = b""
             if length is not None and sent != length and not bodiless:
-                self._log_abort("response_aborted", "body shorter than its Content-Length")
-                raise ClientGone("response_aborted")
+                raise self._aborted("body shorter than its Content-Length")
             if chunked:
                 out += LAST_CHUNK
             await self.send(out)
@@ -644,18 +639,19 @@ class ClientConnection:
         """`_respond` for a body already in memory, with the same checks."""
         if bodiless:
             if data:
-                self._log_abort("response_aborted", "content in a bodiless response")
-                raise ClientGone("response_aborted")
+                raise self._aborted("content in a bodiless response")
             await self.send(head)
             return 0
         if length is not None and len(data) != length:
-            longer = len(data) > length
-            self._log_abort(
-                "response_aborted", f"body {'longer' if longer else 'shorter'} than its Content-Length"
-            )
-            raise ClientGone("response_aborted")
+            longer_or_shorter = "longer" if len(data) > length else "shorter"
+            raise self._aborted(f"body {longer_or_shorter} than its Content-Length")
         await self.send(head + (chunk_bytes(data) + LAST_CHUNK if chunked else data))
         return len(data)
+
+    def _aborted(self, message: str) -> ClientGone:
+        """Log why a response is being cut off; the caller raises what this returns."""
+        self._log_abort("response_aborted", message)
+        return ClientGone("response_aborted")
 
     def _log_abort(self, reason: str, message: str) -> None:
         # Throttled like every per-request warning: an upstream resetting mid-body at 1,000

@@ -156,19 +156,14 @@ class CacheStage:
         fwd = "uri-miss"
         if entry is not None and not self._usable_for(entry, request):
             entry, fwd = None, "vary-miss"
-        revalidate = (
-            bool(req_cc.directives)
-            and self._config.respect_client_no_cache
-            and request_wants_revalidation(req_cc)
-        )
+        revalidate = self._config.respect_client_no_cache and request_wants_revalidation(req_cc)
         if entry is not None:
             now = self._clock()
-            ttl_s = entry.ttl_s(now)
-            if ttl_s > 0 and not revalidate:  # `freshness` is FRESH: the hit, inlined
+            state = freshness(entry, now, revalidate=revalidate)
+            if state is Freshness.FRESH:
                 self.stats.hits += 1
                 request.outcome.cache = "hit"
-                return self._answer(request, entry, now, hit_status(ttl_s))
-            state = freshness(entry, now, revalidate=revalidate)
+                return self._answer(request, entry, now, hit_status(entry.ttl_s(now)))
         # Every variant of the URL shares this one: what an unsafe method invalidates.
         url = self._keys.url(request.target, partition)
         if entry is None:
