@@ -16,7 +16,7 @@ from typing import final
 
 import trio
 
-from resilient_ambassador import telemetry
+from resilient_ambassador import gc_tuning, telemetry
 from resilient_ambassador.config_loader import ConfigError
 from resilient_ambassador.core.config import Config, ListenerConfig, RouteConfig, UpstreamConfig
 from resilient_ambassador.core.messages import Handler
@@ -852,6 +852,7 @@ class App:
             "redis": redis_stats,
             "rate_limits": self._rate_limit_stats(),
             "reloads": {"succeeded": self.reloads, "failed": self.reload_failures},
+            "gc": gc_tuning.stats(),
             "access_log": None
             if self.access_log is None
             else {
@@ -965,6 +966,7 @@ async def run(
     group; the supervisor forwards it as SIGTERM, once) and drains if its supervisor dies."""
     app = App(config, secrets, worker=worker)
     bound = await app.bind()  # outside the nursery: a bind error surfaces as a plain OSError
+    gc_tuning.settle()  # start-up is done: what is alive now lives as long as the process
     signals = [signal.SIGTERM, signal.SIGHUP]
     if worker is None:
         signals.append(signal.SIGINT)
@@ -1016,3 +1018,4 @@ async def _reload_on_signal(app: App, reload_config: Callable[[], Config] | None
         return
     with contextlib.suppress(ReloadError):  # reload() logged and counted it
         await app.reload(config)
+        gc_tuning.refreeze()

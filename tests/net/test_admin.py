@@ -120,6 +120,7 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
         "tcp_listeners",
         "cache",
         "dns",
+        "gc",
     }
     assert (before["ready"], before["draining"], before["shared_breaker"], before["redis"]) == (
         True,
@@ -130,6 +131,9 @@ async def test_stats_shape_and_counters(nursery: trio.Nursery) -> None:
     assert (before["pid"], before["worker"]) == (os.getpid(), None)
     assert set(before["access_log"]) == {"lines", "dropped", "write_errors"}
     assert before["tcp_listeners"] == {}
+    # Embedded in the test process, which never settles: Python's defaults, nothing frozen.
+    assert set(before["gc"]) == {"collections", "collected", "frozen", "thresholds"}
+    assert before["gc"]["frozen"] == 0
     assert before["cache"] is None  # no route has the cache on
     assert before["dns"]["entries"] == 0  # the upstream is an IP literal: no lookup
     assert before["dns"]["lookups"] == 0
