@@ -3,12 +3,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from resilient_ambassador.core.access_log import AccessRecord
+from resilient_ambassador.core.access_log import AccessRecord, to_json
 from resilient_ambassador.core.config import AccessLogConfig
-from resilient_ambassador.net.access_log import MAX_PENDING_RECORDS, AccessLog, _atomic_chunks
+from resilient_ambassador.net.access_log import FORMAT_SLICE, MAX_PENDING_RECORDS, AccessLog, _atomic_chunks
 
 
 @given(st.lists(st.integers(min_value=0, max_value=300), min_size=1, max_size=40))
@@ -47,3 +48,48 @@ async def test_records_beyond_the_bound_are_dropped_and_counted(tmp_path: Path) 
     assert (log.lines, log.dropped) == (MAX_PENDING_RECORDS, 5)
     await log.aclose()
     assert len(path.read_text().splitlines()) == MAX_PENDING_RECORDS
+
+
+async def test_a_big_batch_is_formatted_in_slices_that_let_requests_run(tmp_path: Path) -> None:
+    # One request's task running between the slices stands for every request arriving
+    # meanwhile: formatting 1-2 ms of records in one go would make them all wait.
+    path = tmp_path / "access.log"
+    log = AccessLog(AccessLogConfig(path=str(path)))
+    log.open()
+    order: list[str] = []
+
+    def formatter(record: AccessRecord) -> str:
+        order.append("format")
+        return to_json(record)
+
+    log._format = formatter
+    for n in range(3 * FORMAT_SLICE):
+        log.record(_record(b"/%d" % n))
+
+    async def request() -> None:
+        while len(order) < 3 * FORMAT_SLICE:
+            order.append("request")
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(log.flush)
+        nursery.start_soon(request)
+    formats = [i for i, step in enumerate(order) if step == "format"]
+    between = [i for i, step in enumerate(order) if step == "request" and formats[0] < i < formats[-1]]
+    assert len(between) >= 2  # at least once between each pair of slices
+    assert all(step == "format" for step in order[formats[0] : formats[0] + FORMAT_SLICE])
+    await log.aclose()
+    assert len(path.read_text().splitlines()) == 3 * FORMAT_SLICE
+
+
+async def test_a_flush_cancelled_mid_batch_still_writes_every_record(tmp_path: Path) -> None:
+    path = tmp_path / "access.log"
+    log = AccessLog(AccessLogConfig(path=str(path)))
+    log.open()
+    for n in range(3 * FORMAT_SLICE):
+        log.record(_record(b"/%d" % n))
+    with trio.CancelScope() as scope:
+        scope.cancel()  # already cancelled when the first slice yields
+        await log.flush()
+    await log.aclose()
+    assert len(path.read_text().splitlines()) == 3 * FORMAT_SLICE
