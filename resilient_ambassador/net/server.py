@@ -254,7 +254,7 @@ class DownstreamBody:
         buffer = client.buffer
         if not self._started:
             self._started = True
-            self._deadline = trio.current_time() + client.limits.body_read_timeout_s
+            self._deadline = client.now() + client.limits.body_read_timeout_s
             if self._expect_continue and not buffer:
                 await client.send(CONTINUE)
         decoder = self._decoder
@@ -321,8 +321,8 @@ class ClientConnection:
         self.server = server
         self.stream = stream
         self.fd = stream.socket.fileno()  # plain TCP: read and written directly (net/sockio.py)
-        # The run's clock, read directly: `trio.current_time` costs three frames per call, and
-        # every request reads it twice here.
+        # The run's clock, read directly (`trio.current_time` costs three frames per call): the
+        # one clock every deadline and timestamp of this connection comes from.
         self.now = trio.lowlevel.current_clock().current_time
         self.limits: ClientLimits = server.limits
         self.buffer = bytearray()  # bytes read from the client and not consumed yet
@@ -400,7 +400,7 @@ class ClientConnection:
                     del buffer[:head_length]
                     break
                 if deadline is None:
-                    deadline = trio.current_time() + limits.header_read_timeout_s
+                    deadline = self.now() + limits.header_read_timeout_s
                 data = await self.receive(deadline, "request header timeout")
             else:
                 if self.server.draining:
@@ -433,7 +433,7 @@ class ClientConnection:
                 return data
             if self.server.draining:
                 return None  # began while we yielded: the drain wakes only idle scopes it can see
-            with trio.CancelScope(deadline=trio.current_time() + idle_s) as idle:
+            with trio.CancelScope(deadline=self.now() + idle_s) as idle:
                 self.server._idle_scopes.add(idle)
                 try:
                     return await sockio.receive_wait(self.fd, RECEIVE_BYTES)
@@ -656,7 +656,7 @@ class ClientConnection:
     def _log_abort(self, reason: str, message: str) -> None:
         # Throttled like every per-request warning: an upstream resetting mid-body at 1,000
         # req/s must not write 1,000 lines a second.
-        suppressed = self.server.log_throttle.allow(("abort", reason), trio.current_time())
+        suppressed = self.server.log_throttle.allow(("abort", reason), self.now())
         if suppressed is not None:
             log.warning(
                 "aborting response to client: %s%s",
@@ -672,7 +672,7 @@ class ClientConnection:
         except OSError:
             raise ClientGone() from None
         # A bare CancelScope rather than fail_after: the context-manager wrapper is measurable.
-        with trio.CancelScope(deadline=trio.current_time() + self.limits.send_timeout_s):
+        with trio.CancelScope(deadline=self.now() + self.limits.send_timeout_s):
             try:
                 await sockio.send_all(self.fd, data, sent)
                 return
@@ -686,7 +686,7 @@ class ClientConnection:
     async def _answer_and_close(self, error: ClientError) -> None:
         """Answer a bad request, unless a response is already under way, then close the way
         nginx's lingering close does."""
-        suppressed = self.server.log_throttle.allow(("reject", error.reason), trio.current_time())
+        suppressed = self.server.log_throttle.allow(("reject", error.reason), self.now())
         if suppressed is not None:
             log.info(
                 "rejecting request from %s: %d %s%s",
@@ -713,7 +713,7 @@ class ClientConnection:
         await linger_close(self.stream, LINGER_S, LINGER_BYTES)
 
     def _log_error(self, head: RequestHead, exc: ProxyError, upstream: str | None = None) -> None:
-        suppressed = self.server.log_throttle.allow((upstream, exc.reason), trio.current_time())
+        suppressed = self.server.log_throttle.allow((upstream, exc.reason), self.now())
         if suppressed is None:
             return
         path = head.target.split(b"?", 1)[0][:200].decode("latin-1")

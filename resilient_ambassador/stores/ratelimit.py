@@ -206,7 +206,7 @@ class RedisBuckets:
     async def acquire(self, key: str, limit: Limit, max_wait_s: float) -> Decision:
         if self._lease > 1 and max_wait_s <= 0:
             return await self._acquire_leased(key, limit)
-        decision, _, _ = await self._decide(key, limit, max_wait_s, 1)
+        decision, _ = await self._decide(key, limit, max_wait_s, 1)
         return decision
 
     async def _acquire_leased(self, key: str, limit: Limit) -> Decision:
@@ -226,7 +226,7 @@ class RedisBuckets:
         held.asks.append(ask)
         sent_at = self._clock()
         try:
-            decision, granted, _ = await self._decide(key, limit, 0.0, self._lease)
+            decision, granted = await self._decide(key, limit, 0.0, self._lease)
             if granted > 1:
                 held.leases.append(leased_after(granted, sent_at))
                 held.leases.sort(key=lambda lease: lease.until)
@@ -245,11 +245,9 @@ class RedisBuckets:
         self._held = {k: h for k, h in self._held.items() if h.asks or h.usable(now)}
         self._prune_above = max(PRUNE_MIN_KEYS, 2 * len(self._held))
 
-    async def _decide(
-        self, key: str, limit: Limit, max_wait_s: float, want: int
-    ) -> tuple[Decision, int, float]:
-        """One script run, batched: the decision, the tokens granted (0 refused; more than one
-        only when `want` asks for a lease) and the TAT's lead over Redis time after it."""
+    async def _decide(self, key: str, limit: Limit, max_wait_s: float, want: int) -> tuple[Decision, int]:
+        """One script run, batched: the decision and the tokens granted (0 refused; more than
+        one only when `want` asks for a lease)."""
         item = _Pending(
             f"{self._prefix}{{{key}}}",
             [repr(limit.interval_s), str(limit.burst), repr(max(0.0, max_wait_s)), str(want)],
@@ -270,11 +268,11 @@ class RedisBuckets:
             granted, wait_s, ahead_s = int(reply[0]), float(reply[1]), float(reply[2])
         except (StoreUnavailable, TypeError, ValueError, IndexError) as exc:
             decision = self._without_redis(key, limit, max_wait_s, exc)
-            return decision, int(decision.allowed), 0.0
+            return decision, int(decision.allowed)
         if self._degraded:
             self._degraded = False
             log.info("rate limits are shared through redis again")
-        return decision_from(granted > 0, wait_s, ahead_s, limit), granted, ahead_s
+        return decision_from(granted > 0, wait_s, ahead_s, limit), granted
 
     async def _send_batch(self) -> None:
         """Send the queued decisions (ours first) in one pipeline, answer them all, and wake the
